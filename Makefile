@@ -1,0 +1,55 @@
+# Everyday commands. `make run` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Stage commands in dvc.yaml call `ratchet`, so the venv's bin must be on PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+# No phoning home: this machine has no internet, and these checks only cost start-up time.
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup run test test-fast ui repro dag lock bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+## run: every pipeline in params.yaml through the Prefect flow (prepare -> train -> evaluate -> promote)
+run: setup
+	$(PY) -m pipelines.retrain
+
+## test: the whole suite (slow tests included)
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+## ui: MLflow UI on http://127.0.0.1:5000 over the local tracking database
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+repro: setup
+	dvc repro
+
+dag: setup
+	dvc dag
+
+bench: setup
+	$(PY) benchmarks/bench_tabular.py --csv ../shared/data/water_potability.csv
+
+## lock: re-resolve the tested dependency set after editing pyproject.toml
+lock:
+	rm -rf /tmp/ratchet-lock && $(PYTHON) -m venv /tmp/ratchet-lock
+	/tmp/ratchet-lock/bin/pip install --quiet -e '.[dev]'
+	{ echo "# Tested dependency set: make installs with 'pip install -c constraints.txt -e .[dev]'."; \
+	  echo "# Regenerate after changing pyproject.toml: make lock"; \
+	  /tmp/ratchet-lock/bin/pip freeze --exclude-editable | grep -vE '^(pip|setuptools|wheel)=='; } > constraints.txt
+
+clean:
+	rm -rf data/demo data/prepared models reports checkpoints mlflow.db mlruns
