@@ -1,0 +1,24 @@
+"""The table from a model name in params.yaml to its builder; sizes come from the prepared data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch import nn
+
+from ratchet.models.mlp import MLP
+
+# name -> builder(model config, prepared meta) -> nn.Module producing one logit per class
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": lambda cfg, meta: MLP(math.prod(meta["input_shape"]), len(meta["classes"]), cfg),
+}
+
+
+def build_model(cfg, meta: dict) -> nn.Module:
+    """Build the network named by `cfg.name` for the data described by `meta`."""
+    return BUILDERS[cfg.name](cfg, meta)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

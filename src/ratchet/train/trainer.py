@@ -1,0 +1,168 @@
+"""The training loop every family uses: `_run_batch`, `_run_epoch`, `_validate`,
+`_save_checkpoint`, `fit` (the shape of pytorch/examples' DDP Trainer).
+
+Model, optimizer, scheduler, loss and loaders are passed in; the trainer knows nothing of
+MLflow or files beyond its checkpoint. Per-epoch records go to `on_epoch_end` (rank 0 logs
+them). Losses and metrics are reduced over all processes before anyone sees them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import MetricCollection
+from tqdm.auto import tqdm
+
+from ratchet.config import TrainConfig
+from ratchet.train.checkpoint import save_checkpoint
+from ratchet.train.distributed import DistInfo, all_gather_objects, all_reduce_sum
+from ratchet.train.early_stopping import EarlyStopping
+from ratchet.train.loader import BatchLoader
+from ratchet.train.optim import step_scheduler
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        loss_fn: nn.Module,
+        train_loader: BatchLoader,
+        val_loader: BatchLoader,
+        val_metrics: MetricCollection,
+        dist: DistInfo,
+        cfg: TrainConfig,
+        *,
+        checkpoint_path: Path | None = None,
+        checkpoint_extra: dict | None = None,
+        on_epoch_end: Callable[[dict], None] | None = None,
+    ):
+        self.module = model  # unwrapped: validation, checkpoints and the saved model use it
+        self.model = DistributedDataParallel(model) if dist.distributed else model
+        self.optimizer, self.scheduler, self.loss_fn = optimizer, scheduler, loss_fn
+        self.train_loader, self.val_loader, self.val_metrics = train_loader, val_loader, val_metrics
+        self.dist, self.cfg = dist, cfg
+        self.checkpoint_path, self.checkpoint_extra = checkpoint_path, checkpoint_extra or {}
+        self.on_epoch_end = on_epoch_end
+        self.mode = "min" if cfg.monitor.endswith("loss") else "max"
+        self.stopper = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta, self.mode)
+        self.amp = cfg.amp and dist.device.type == "cuda"
+        self.epochs_done = 0
+        self.history: list[dict] = []
+
+    def _run_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = self.loss_fn(self.model(inputs), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _run_epoch(self, epoch: int) -> float:
+        """One pass over this process's shard; the mean training loss over all processes."""
+        self.model.train()
+        self.train_loader.set_epoch(epoch)
+        total = torch.zeros(2, device=self.dist.device)  # (sum of loss x samples, samples), no per-step sync
+        # A batch bar only once an epoch has run for a while: short epochs stay one log line each.
+        batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
+                       disable=not self.dist.is_main, delay=2 if sys.stderr.isatty() else 30,
+                       mininterval=0.1 if sys.stderr.isatty() else 30)
+        for inputs, targets in batches:
+            loss = self._run_batch(inputs, targets)
+            total[0] += loss.float() * len(targets)
+            total[1] += len(targets)
+        all_reduce_sum(total)
+        return (total[0] / total[1]).item()
+
+    @torch.no_grad()
+    def _validate(self) -> dict[str, float]:
+        """Validation loss and metrics over the whole split, each sample counted once."""
+        self.module.eval()
+        self.val_metrics.reset()
+        total = torch.zeros(2, device=self.dist.device)
+        for inputs, targets in self.val_loader:
+            with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                outputs = self.module(inputs)
+            total[0] += self.loss_fn(outputs.float(), targets) * len(targets)
+            total[1] += len(targets)
+            self.val_metrics.update(outputs.float(), targets)
+        all_reduce_sum(total)
+        values = {f"val_{k}": float(v) for k, v in self.val_metrics.compute().items()}
+        return {"val_loss": (total[0] / total[1]).item(), **values}
+
+    def _save_checkpoint(self) -> None:
+        """Every process contributes its RNG state; rank 0 writes the file."""
+        rng = all_gather_objects(
+            {"cpu": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(self.dist.device) if self.dist.device.type == "cuda" else None}
+        )
+        if self.checkpoint_path is None or not self.dist.is_main:
+            return
+        state = {
+            "epoch": self.epochs_done,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "early_stopping": self.stopper.state_dict(),
+            "history": self.history,
+            "rng": rng,
+            **self.checkpoint_extra,
+        }
+        save_checkpoint(self.checkpoint_path, state)
+
+    def resume(self, state: dict) -> None:
+        """Continue from a checkpoint of this same configuration."""
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        self.history = list(state["history"])
+        self.epochs_done = state["epoch"]
+        if len(state["rng"]) == self.dist.world_size:  # same process count: exact continuation
+            own = state["rng"][self.dist.rank]
+            torch.set_rng_state(own["cpu"])
+            if own["cuda"] is not None and self.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(own["cuda"], self.dist.device)
+
+    def fit(self) -> dict:
+        """Train until `epochs` or early stopping; leave the best weights in the model.
+
+        Returns the best epoch's validation metrics, plus `best_epoch` and `epochs`.
+        """
+        stop = self.stopper.patience is not None and self.stopper.bad_epochs >= self.stopper.patience
+        for epoch in range(self.epochs_done, self.cfg.epochs):
+            if stop:
+                break
+            started = time.perf_counter()
+            train_loss = self._run_epoch(epoch)
+            record = {"epoch": epoch + 1, "train_loss": train_loss, **self._validate(),
+                      "lr": self.optimizer.param_groups[0]["lr"]}
+            step_scheduler(self.scheduler, record[self.cfg.monitor])
+            stop = self.stopper.step(record[self.cfg.monitor], self.module, epoch + 1)
+            record["epoch_seconds"] = time.perf_counter() - started
+            self.history.append(record)
+            self.epochs_done = epoch + 1
+            if self.on_epoch_end is not None and self.dist.is_main:
+                self.on_epoch_end(record)
+            self._save_checkpoint()
+            if self.dist.is_main:
+                print(_epoch_line(record, self.cfg.epochs), flush=True)
+        self.stopper.restore_best(self.module)
+        best = self.history[self.stopper.best_epoch - 1]
+        return {"best_epoch": self.stopper.best_epoch, "epochs": self.epochs_done,
+                **{k: v for k, v in best.items() if k.startswith("val_")}}
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    values = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train_", "val_")))
+    return f"epoch {record['epoch']:>3}/{epochs}  {values}  lr {record['lr']:.2e}  ({record['epoch_seconds']:.2f} s)"
