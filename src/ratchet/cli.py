@@ -1,0 +1,61 @@
+"""The `ratchet` command: one subcommand per stage, as dvc.yaml calls them.
+
+    ratchet demo-data                 # write the built-in demo datasets (params: demo.dir)
+    ratchet prepare  <pipeline>       # validate, split, preprocess
+    ratchet train    <pipeline>       # train (torchrun when train.nproc > 1), log to MLflow
+    ratchet evaluate <pipeline>       # test metrics, report, plots
+    ratchet promote  <pipeline>       # register; move @champion only if better
+    ratchet pipelines                 # list the pipelines in params.yaml
+
+Every subcommand takes `--params PATH` (default: params.yaml). Bad input ends with one line,
+`error: ...`, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ratchet.errors import RatchetError
+
+STAGES = ("prepare", "train", "evaluate", "promote")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ratchet", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("demo-data", "pipelines", *STAGES):
+        cmd = sub.add_parser(name)
+        if name in STAGES:
+            cmd.add_argument("pipeline", help="a pipeline section of params.yaml, e.g. tabular")
+        cmd.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except RatchetError as exc:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike; one says so
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from ratchet.config import load_params
+
+    params = load_params(args.params)
+    if args.command == "pipelines":
+        print("\n".join(params.pipelines))
+    elif args.command == "demo-data":
+        from ratchet.data.demo import write_demo
+
+        for path in write_demo(params.demo.dir):
+            print(f"wrote {path}")
+    else:
+        from importlib import import_module
+
+        import_module(f"ratchet.stages.{args.command}").run(params, args.pipeline)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Test-split metrics (torchmetrics, exact under DDP), classification report and plots."""

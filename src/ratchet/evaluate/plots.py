@@ -1,0 +1,49 @@
+"""PNG plots for MLflow: confusion matrix with class names, per-epoch curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def confusion_matrix_png(matrix: list[list[int]], classes: list[str], path: Path, title: str = "") -> None:
+    n = len(classes)
+    size = max(4.0, 0.6 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    peak = max(max(row) for row in matrix) or 1
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i][j]), ha="center", va="center",
+                    color="white" if matrix[i][j] > peak / 2 else "black")
+    ax.set_title(title or "confusion matrix (test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_png(history: list[dict], path: Path) -> None:
+    """Train/val loss and validation metrics per epoch, side by side."""
+    epochs = [r["epoch"] for r in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "val_loss"):
+        left.plot(epochs, [r[key] for r in history], marker="o", label=key)
+    left.set_xlabel("epoch")
+    left.set_title("loss")
+    left.legend()
+    for key in sorted(k for k in history[0] if k.startswith("val_") and k != "val_loss"):
+        right.plot(epochs, [r[key] for r in history], marker="o", label=key)
+    right.set_xlabel("epoch")
+    right.set_title("validation metrics")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

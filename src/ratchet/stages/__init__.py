@@ -1,0 +1,1 @@
+"""Thin entry points that dvc.yaml and the Prefect flow call: `ratchet <stage> <pipeline>`."""

@@ -1,0 +1,126 @@
+"""Evaluate the trained model on the test split: `ratchet evaluate tabular`.
+
+Shards the test split over `evaluate.nproc` processes without padding, so under DDP each test
+sample is counted exactly once and the metrics equal a single-process run. Writes
+`evaluate.metrics` (metrics.json, for `dvc metrics`) and `evaluate.out_dir`:
+classification_report.txt/.json, confusion_matrix.png, predictions.csv (for DVC's confusion
+template); logs the same into the training's MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+
+from ratchet.config import Params, PipelineConfig
+from ratchet.data.prepared import Prepared, load_prepared, replace_dir
+from ratchet.errors import RatchetError
+from ratchet.evaluate.metrics import test_metrics
+from ratchet.evaluate.plots import confusion_matrix_png
+from ratchet.evaluate.report import metrics_dict, report_text
+from ratchet.models import build_model
+from ratchet.stages.train import MODEL_FILE
+from ratchet.tracking.runs import numeric, read_run_file, training_run, use_tracking
+from ratchet.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, distributed, launch, under_torchrun
+from ratchet.train.loader import BatchLoader
+
+def run(params: Params, name: str) -> dict:
+    """Evaluate pipeline `name` on its test split; return metrics.json's content."""
+    cfg = params.pipeline(name)
+    prepared = load_prepared(cfg.prepare.out_dir)
+    run_info = read_run_file(cfg.train.out_dir)
+    if cfg.evaluate.nproc > 1 and not under_torchrun():
+        code = launch(cfg.evaluate.nproc, ["evaluate", name, "--params", str(params.file)])
+        if code != 0:
+            raise RatchetError(f"evaluating {name} under torchrun failed (exit code {code}); see the log above")
+        return json.loads(cfg.evaluate.metrics.read_text())
+    with distributed(cfg.train.device) as dist:
+        metrics, predictions = _evaluate(cfg, prepared, dist)
+        if dist.is_main:
+            _write_outputs(params, name, cfg, prepared.meta, metrics, predictions, prepared, run_info["run_id"])
+            print(f"evaluated {name}: accuracy {metrics['accuracy']:.4f}, f1_macro {metrics['f1_macro']:.4f} "
+                  f"on {metrics['samples']} test samples -> {cfg.evaluate.out_dir}")
+    return metrics
+
+
+def load_trained(cfg: PipelineConfig, meta: dict, device: torch.device) -> torch.nn.Module:
+    path = cfg.train.out_dir / MODEL_FILE
+    if not path.is_file():
+        raise RatchetError(f"{path}: not found; run the train stage first")
+    net = build_model(cfg.model, meta)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    return net.to(device).eval()
+
+
+@torch.no_grad()
+def _evaluate(cfg: PipelineConfig, prepared: Prepared, dist: DistInfo) -> tuple[dict, list[tuple[int, int]]]:
+    meta = prepared.meta
+    net = load_trained(cfg, meta, dist.device)
+    x, y = prepared.split("test")
+    loader = BatchLoader([torch.from_numpy(x.copy()), torch.from_numpy(y.copy())], cfg.evaluate.batch_size,
+                         dist, train=False)
+    metrics = test_metrics(len(meta["classes"]), dist.device)
+    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+    total = torch.zeros(2, device=dist.device)
+    local: list[tuple[int, int]] = []
+    for idx, (inputs, targets) in loader.iter_with_indices():
+        logits = net(inputs).float()
+        metrics.update(logits, targets)
+        total += torch.stack([loss_fn(logits, targets), torch.tensor(float(len(targets)), device=dist.device)])
+        local += zip(idx.tolist(), logits.argmax(dim=1).tolist())
+    all_reduce_sum(total)
+    values = metrics.compute()  # a collective: every process calls it
+    predictions = sorted(p for part in all_gather_objects(local) for p in part)
+    return metrics_dict(values, meta["classes"], (total[0] / total[1]).item()), predictions
+
+
+def _write_outputs(params: Params, name: str, cfg: PipelineConfig, meta: dict, metrics: dict,
+                   predictions: list[tuple[int, int]], prepared: Prepared, run_id: str) -> None:
+    out_dir = cfg.evaluate.out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        classes = meta["classes"]
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "classification_report.txt").write_text(report_text(metrics))
+        (tmp / "classification_report.json").write_text(json.dumps(metrics["per_class"], indent=2) + "\n")
+        rows = prepared.array("test_rows")
+        with open(tmp / "predictions.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["row", "actual", "predicted"])
+            y = prepared.array("test_y")
+            writer.writerows((int(rows[i]), classes[int(y[i])], classes[p]) for i, p in predictions)
+        confusion = _confusion(predictions, prepared.array("test_y"), len(classes))
+        confusion_matrix_png(confusion, classes, tmp / "confusion_matrix.png", f"{name}: test confusion matrix")
+        use_tracking(params.root)
+        with training_run(name, run_id=run_id):
+            mlflow.log_metrics(numeric(metrics, "test_"))
+            for cls, row in metrics["per_class"].items():
+                mlflow.log_metrics(numeric(row, f"test_class_{_metric_safe(cls)}_"))
+            mlflow.log_artifacts(str(tmp), "evaluation")
+        cfg.evaluate.metrics.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / "metrics.json", cfg.evaluate.metrics)  # complete before it appears
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _confusion(predictions: list[tuple[int, int]], y, num_classes: int) -> list[list[int]]:
+    matrix = [[0] * num_classes for _ in range(num_classes)]
+    for i, p in predictions:
+        matrix[int(y[i])][p] += 1
+    return matrix
+
+
+def _metric_safe(name: str) -> str:
+    """MLflow metric names allow letters, digits, _ - . / and space."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)

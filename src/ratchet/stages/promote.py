@@ -1,0 +1,78 @@
+"""Register the trained model and promote it if it beats the champion: `ratchet promote tabular`.
+
+Registers the run's logged model as a new version of `promote.registered_model`, then scores
+that version and the current `@champion` on the same test split, now (never a number stored
+from other data): both are loaded from the registry, raw test inputs in, so each applies its
+own preprocessing. `@champion` moves only if the new version is better by more than
+`promote.min_delta`. The decision and reason are tagged on the version and written to
+`promote.out` (promotion.json).
+"""
+
+from __future__ import annotations
+
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+
+from ratchet.config import Params
+from ratchet.data.prepared import load_prepared, write_json
+from ratchet.evaluate.metrics import test_metrics
+from ratchet.models.serving import input_description
+from ratchet.tracking.registry import (
+    FEATURES_TAG, Decision, champion_version, check_comparable, decide, record, register,
+)
+from ratchet.tracking.runs import read_run_file, use_tracking
+
+
+def run(params: Params, name: str) -> dict:
+    cfg = params.pipeline(name)
+    prepared = load_prepared(cfg.prepare.out_dir)
+    run_info = read_run_file(cfg.train.out_dir)
+    meta, registered = prepared.meta, cfg.promote.registered_model
+    x, y = prepared.array("test_x_raw"), prepared.array("test_y")
+    use_tracking(params.root)
+    client = MlflowClient()
+
+    champion = champion_version(client, registered)
+    if champion is not None:
+        check_comparable(champion, input_description(meta), registered)
+    version = register(client, registered, run_info["model_uri"], run_info["run_id"], {
+        FEATURES_TAG: input_description(meta), "ratchet.pipeline": name, "ratchet.data.hash": meta["data_hash"],
+    })
+    metric, classes = cfg.promote.metric, len(meta["classes"])
+    score = score_model(f"models:/{registered}/{version.version}", x, y, classes, metric)
+    if champion is not None and champion.version == version.version:
+        decision = Decision(True, f"v{version.version} is already @champion", metric, score, version.version, score)
+    else:
+        rival = None
+        if champion is not None:
+            rival = (champion.version, score_model(f"models:/{registered}/{champion.version}", x, y, classes, metric))
+        decision = decide(metric, score, rival, cfg.promote.direction, cfg.promote.min_delta)
+    record(client, registered, version, decision)
+    client.set_tag(run_info["run_id"], "ratchet.registered_version", str(version.version))
+    client.set_tag(run_info["run_id"], "ratchet.promoted", str(decision.promoted).lower())
+
+    before = decision.champion_version
+    result = {
+        "registered_model": registered, "version": int(version.version), "promoted": decision.promoted,
+        "reason": decision.reason, "metric": metric, "score": score,
+        "champion_before": None if before is None else {"version": int(before), "score": decision.champion_score},
+        "champion_after": int(version.version) if decision.promoted else int(before),
+    }
+    write_json(cfg.promote.out, result)
+    verdict = "promoted to @champion" if decision.promoted else "not promoted"
+    print(f"{registered} v{version.version} {verdict}: {decision.reason}")
+    return result
+
+
+@torch.no_grad()
+def score_model(model_uri: str, x: np.ndarray, y: np.ndarray, num_classes: int, metric: str) -> float:
+    """`metric` of the registered model at `model_uri` on raw inputs `x` with labels `y`."""
+    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    metrics = test_metrics(num_classes, torch.device("cpu"))
+    inputs, targets = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y))
+    for start in range(0, len(inputs), 4096):
+        metrics.update(model(inputs[start : start + 4096]), targets[start : start + 4096])
+    return float(metrics.compute()[metric])

@@ -1,0 +1,174 @@
+"""Train a pipeline's model: `ratchet train tabular`.
+
+With `train.nproc` > 1 the command re-launches itself under torchrun on this machine (gloo on
+CPU, NCCL on GPUs). Across nodes, start it on every node with torchrun yourself:
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+        -m ratchet train tabular
+
+Writes `train.out_dir`: model.pt (the best weights, self-describing), history.csv (one row per
+epoch, for `dvc plots`), curves.png and run.json (the MLflow run and logged model). While it
+runs, `train.checkpoint` holds the last finished epoch; a restarted run resumes from it and
+continues the same MLflow run. The checkpoint is deleted when training finishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import infer_signature
+
+from ratchet.config import Params, PipelineConfig, config_hash
+from ratchet.data.prepared import Prepared, load_prepared, replace_dir
+from ratchet.errors import RatchetError
+from ratchet.evaluate.metrics import validation_metrics
+from ratchet.evaluate.plots import curves_png
+from ratchet.models import build_model, count_parameters
+from ratchet.models.serving import example_input, serving_model
+from ratchet.tracking.lineage import lineage_tags
+from ratchet.tracking.runs import RUN_FILE, flatten, mark_killed, numeric, training_run, use_tracking
+from ratchet.train.checkpoint import load_checkpoint
+from ratchet.train.distributed import DistInfo, distributed, launch, sync_batchnorm, under_torchrun
+from ratchet.train.optim import build_optimizer, build_scheduler
+from ratchet.train.loader import BatchLoader
+from ratchet.train.trainer import Trainer
+
+MODEL_FILE = "model.pt"
+HISTORY_FILE = "history.csv"
+
+
+def run(params: Params, name: str) -> dict:
+    """Train pipeline `name`; return the best epoch's validation metrics."""
+    cfg = params.pipeline(name)
+    prepared = load_prepared(cfg.prepare.out_dir)
+    if cfg.train.nproc > 1 and not under_torchrun():
+        code = launch(cfg.train.nproc, ["train", name, "--params", str(params.file)])
+        if code != 0:
+            raise RatchetError(f"training {name} under torchrun failed (exit code {code}); see the log above")
+        return json.loads((cfg.train.out_dir / RUN_FILE).read_text())["metrics"]
+    with distributed(cfg.train.device) as dist:
+        return _train(params, name, cfg, prepared, dist)
+
+
+def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, dist: DistInfo) -> dict:
+    started = time.perf_counter()
+    meta = prepared.meta
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    net = build_model(cfg.model, meta)
+    if dist.distributed and cfg.train.sync_batchnorm:
+        net = sync_batchnorm(net, dist.device)
+    net.to(dist.device)
+    optimizer = build_optimizer(cfg.train.optimizer, net)
+    mode = "min" if cfg.train.monitor.endswith("loss") else "max"
+    scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs, mode)
+    train_loader = BatchLoader(_tensors(prepared, "train"), cfg.train.batch_size // dist.world_size, dist,
+                               train=True, seed=cfg.seed)
+    val_loader = BatchLoader(_tensors(prepared, "val"), cfg.train.batch_size // dist.world_size, dist, train=False)
+    chash = config_hash(cfg.model, cfg.train.model_dump(mode="json", exclude={"out_dir", "checkpoint"}),
+                        cfg.seed, meta["data_hash"])
+    state = _resumable(cfg.train.checkpoint, chash, dist)
+    torch.manual_seed(cfg.seed + dist.rank)  # dropout draws differ between processes
+
+    if dist.is_main:
+        use_tracking(params.root)
+        tags = {"ratchet.pipeline": name, "ratchet.family": cfg.family,
+                **lineage_tags(params.root, meta, [cfg.prepare.out_dir])}
+        run_ctx = training_run(name, run_id=state["run_id"] if state else None, tags=tags)
+    else:
+        run_ctx = contextlib.nullcontext()
+    with run_ctx as active:
+        run_id = active.info.run_id if active else None
+        if active and state is None:
+            mlflow.log_params({**flatten(cfg.model_dump(mode="json")), "parameters": count_parameters(net),
+                               "world_size": dist.world_size})
+        trainer = Trainer(
+            net, optimizer, scheduler, torch.nn.CrossEntropyLoss(), train_loader, val_loader,
+            validation_metrics(len(meta["classes"]), dist.device), dist, cfg.train,
+            checkpoint_path=cfg.train.checkpoint,
+            checkpoint_extra={"config_hash": chash, "config": cfg.model_dump(mode="json"), "run_id": run_id},
+            on_epoch_end=lambda record: mlflow.log_metrics(numeric(record), step=record["epoch"]),
+        )
+        if state is not None:
+            trainer.resume(state)
+            if dist.is_main:
+                print(f"resuming {name} from {cfg.train.checkpoint} after epoch {state['epoch']} (MLflow run {run_id})")
+        fit_started = time.perf_counter()
+        result = trainer.fit()
+        fit_seconds = time.perf_counter() - fit_started
+        if dist.is_main:
+            _write_outputs(cfg, name, net, meta, trainer.history, result, run_id,
+                           {"fit_seconds": fit_seconds, "startup_seconds": fit_started - started})
+    if dist.is_main:
+        cfg.train.checkpoint.unlink(missing_ok=True)
+        print(f"trained {name}: best epoch {result['best_epoch']}/{result['epochs']}, "
+              + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_"))
+              + f" -> {cfg.train.out_dir}")
+    return result
+
+
+def _tensors(prepared: Prepared, split: str) -> list[torch.Tensor]:
+    x, y = prepared.split(split)
+    return [torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y))]
+
+
+def _resumable(path: Path, chash: str, dist: DistInfo) -> dict | None:
+    """The checkpoint to resume from, or None; a checkpoint of another config is discarded."""
+    if not path.is_file():
+        return None
+    state = load_checkpoint(path)
+    if state.get("config_hash") == chash:
+        return state
+    if dist.is_main:
+        print(f"ignoring {path}: written for other params or data; starting afresh")
+        if state.get("run_id"):
+            mark_killed(state["run_id"])
+    return None
+
+
+def _write_outputs(cfg: PipelineConfig, name: str, net: torch.nn.Module, meta: dict, history: list[dict],
+                   result: dict, run_id: str, timings: dict) -> None:
+    """Log the model and files to MLflow, then swap the complete output directory into place."""
+    logging_started = time.perf_counter()
+    out_dir = cfg.train.out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        plain = build_model(cfg.model, meta)  # plain BatchNorm, CPU: what evaluate and serving load
+        plain.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
+        torch.save({"model": plain.state_dict(), "config": cfg.model_dump(mode="json"), "meta": meta,
+                    "run_id": run_id, "metrics": result}, tmp / MODEL_FILE)
+        with open(tmp / HISTORY_FILE, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+        curves_png(history, tmp / "curves.png")
+        mlflow.log_metrics(numeric(result, "best_"))
+        mlflow.log_artifact(str(tmp / MODEL_FILE), "checkpoint")
+        mlflow.log_artifact(str(tmp / HISTORY_FILE), "training")
+        mlflow.log_artifact(str(tmp / "curves.png"), "plots")
+        served = serving_model(plain, meta)
+        example = example_input(meta)
+        info = mlflow.pytorch.log_model(
+            served, name="model", input_example=example,
+            signature=infer_signature(example, served(torch.from_numpy(example)).detach().numpy()),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+        timings["logging_seconds"] = time.perf_counter() - logging_started
+        run = mlflow.get_run(run_id)
+        (tmp / RUN_FILE).write_text(json.dumps({
+            "run_id": run_id, "experiment": name, "experiment_id": run.info.experiment_id,
+            "model_uri": info.model_uri, "metrics": result, "timings": timings,
+        }, indent=2) + "\n")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,1 @@
+"""MLflow (rank 0 only): runs, lineage tags, the model registry and the promotion gate."""

@@ -1,0 +1,55 @@
+"""Lineage tags: which code, data and orchestration produced a run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+FLOW_RUN_ENV = "RATCHET_FLOW_RUN_ID"  # set by the Prefect flow for the stages it launches
+
+
+def git_state(root: Path) -> dict[str, str]:
+    """The commit and whether the work tree differs from it ('unknown' outside git)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit or "unknown", "dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def dvc_lock_hashes(root: Path, paths: list[Path]) -> dict[str, str]:
+    """The md5 that dvc.lock records for each of `paths` (as an output of an earlier stage)."""
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    recorded: dict[str, str] = {}
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for entry in stage.get("outs", []):
+            if "md5" in entry:
+                recorded[entry["path"]] = entry["md5"]
+    wanted = {os.path.relpath(p, root): p for p in paths}
+    return {rel: recorded[rel] for rel in wanted if rel in recorded}
+
+
+def lineage_tags(root: Path, meta: dict, dvc_deps: list[Path]) -> dict[str, str]:
+    git = git_state(root)
+    tags = {
+        "ratchet.git.commit": git["commit"],
+        "ratchet.git.dirty": git["dirty"],
+        "ratchet.data.hash": meta["data_hash"],
+        "ratchet.data.source": meta.get("source", ""),
+    }
+    for rel, md5 in dvc_lock_hashes(root, dvc_deps).items():
+        tags[f"ratchet.dvc.{rel}"] = md5
+    if os.environ.get(FLOW_RUN_ENV):
+        tags["ratchet.prefect.flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    return tags
