@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from ratchet.errors import RatchetError
@@ -31,12 +32,22 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("pipeline", help="a pipeline section of params.yaml, e.g. tabular")
         cmd.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     args = parser.parse_args(argv)
+    # SIGTERM (Kubernetes, Prefect cancel, torchrun stopping siblings) unwinds like Ctrl-C, so
+    # MLflow runs are closed as KILLED and temporary files removed; the checkpoint stays to resume.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _dispatch(args)
     except RatchetError as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike; one says so
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _dispatch(args: argparse.Namespace) -> int:

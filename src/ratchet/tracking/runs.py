@@ -30,11 +30,20 @@ def use_tracking(root: Path) -> str:
 
 @contextmanager
 def training_run(experiment: str, run_id: str | None = None, tags: dict | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start a run (or reopen `run_id`); it ends FINISHED, or FAILED if the body raises."""
+    """Start a run (or reopen `run_id`). It ends FINISHED, KILLED when interrupted (Ctrl-C,
+    SIGTERM), or FAILED when the body raises: never left RUNNING by an error we can see."""
     exp = mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp.experiment_id, tags=tags,
-                          log_system_metrics=False) as run:
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp.experiment_id, tags=tags,
+                           log_system_metrics=False)
+    try:
         yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
 def mark_killed(run_id: str) -> None:

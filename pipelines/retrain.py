@@ -1,0 +1,117 @@
+"""Retraining flow: prepare -> train -> evaluate -> promote for each pipeline in params.yaml.
+
+    python -m pipelines.retrain                 # every pipeline (this is `make run`)
+    python -m pipelines.retrain tabular         # only the named ones
+
+Each task runs `dvc repro <pipeline>_<step>`: DVC decides what is stale, runs the stage's
+command and records dvc.lock, so after the flow `dvc status` is clean and `dvc repro` has
+nothing to do. The flow holds no ML logic. Train is retried (`--train-retries`), and a retry
+resumes from the checkpoint the failed attempt left. Without PREFECT_API_URL, Prefect starts
+a temporary local server for the run; pipelines/deploy.py schedules this flow on a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from ratchet.config import load_params
+from ratchet.errors import RatchetError
+from ratchet.tracking.lineage import FLOW_RUN_ENV
+
+STEPS = ("prepare", "train", "evaluate", "promote")
+
+
+@task
+def dvc_repro(stage: str, root: str) -> None:
+    """`dvc repro <stage>` in the project, its output streamed to the task log."""
+    logger = get_run_logger()
+    bin_dir = str(Path(sys.executable).parent)  # the stage commands (`ratchet ...`) live beside python
+    env = {**os.environ, FLOW_RUN_ENV: str(flow_run.get_id() or ""),
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: deque[str] = deque(maxlen=5)
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            logger.info(line)
+            tail.append(line)
+    if proc.wait() != 0:
+        errors = [line for line in tail if "error" in line.lower()] or list(tail)
+        raise RuntimeError(f"dvc repro {stage} failed (exit {proc.returncode}): {errors[-1] if errors else ''}")
+
+
+@flow(name="ratchet-pipeline", flow_run_name="{pipeline}")
+def pipeline_flow(pipeline: str, params_file: str = "params.yaml", train_retries: int = 2) -> dict:
+    """One pipeline's stages in order; returns its promotion record."""
+    params = load_params(params_file)
+    cfg = params.pipeline(pipeline)
+    for step in STEPS:
+        retries = train_retries if step == "train" else 0
+        dvc_repro.with_options(name=f"{pipeline}-{step}", retries=retries, retry_delay_seconds=5)(
+            f"{pipeline}_{step}", str(params.root)
+        )
+    return json.loads(cfg.promote.out.read_text())
+
+
+@flow(name="ratchet-retrain")
+def retrain(pipelines: list[str] | None = None, params_file: str = "params.yaml", train_retries: int = 2) -> dict:
+    """Every named pipeline (default: all in params.yaml), one after another."""
+    names = pipelines or list(load_params(params_file).pipelines)
+    return {name: pipeline_flow(name, params_file, train_retries) for name in names}
+
+
+def summary(results: dict, params_file: str) -> str:
+    """Where to look after a run."""
+    params = load_params(params_file)
+    rel = lambda p: os.path.relpath(p, params.root)  # noqa: E731
+    lines = ["", "Done."]
+    for name, promo in results.items():
+        cfg = params.pipeline(name)
+        metrics = json.loads(cfg.evaluate.metrics.read_text())
+        run = json.loads((cfg.train.out_dir / "run.json").read_text())
+        lines += [
+            f"{name}: test accuracy {metrics['accuracy']:.4f}, f1_macro {metrics['f1_macro']:.4f}; "
+            f"{promo['registered_model']} v{promo['version']} {'promoted' if promo['promoted'] else 'not promoted'}: "
+            f"{promo['reason']}",
+            f"  champion      models:/{promo['registered_model']}@champion (v{promo['champion_after']})",
+            f"  metrics       {rel(cfg.evaluate.metrics)}   (dvc metrics show)",
+            f"  report        {rel(cfg.evaluate.out_dir)}/classification_report.txt, confusion_matrix.png",
+            f"  model         {rel(cfg.train.out_dir)}/model.pt, per-epoch history.csv (dvc plots show)",
+            f"  MLflow run    {run['run_id']} in experiment '{run['experiment']}': make ui -> http://127.0.0.1:5000",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("pipelines", nargs="*", help="pipelines to run (default: all in params.yaml)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--train-retries", type=int, default=2)
+    args = parser.parse_args(argv)
+    try:
+        for name in args.pipelines:  # fail fast on bad params, before a server starts
+            load_params(args.params).pipeline(name)
+        load_params(args.params)
+        results = retrain(args.pipelines or None, args.params, args.train_retries)
+    except RatchetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a stage failed; its own error is in the log above
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary(results, args.params))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

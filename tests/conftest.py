@@ -1,0 +1,147 @@
+"""Shared fixtures: tiny real data, tiny params, and real git+DVC projects in temporary dirs.
+
+Everything runs the real components at toy size: SQLite-backed MLflow, DVC, an ephemeral
+Prefect server, gloo process groups. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Before prefect is imported anywhere: keep its database and settings out of the user's home.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ratchet-test-prefect-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `ratchet` for dvc.yaml's cmds
+
+
+def make_csv(path: Path, rows: int = 300, features: int = 6, classes: int = 3, missing: float = 0.05,
+             seed: int = 0, label: str = "label") -> Path:
+    """A learnable classification table: class-dependent means, some missing values."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, rows)
+    centres = rng.normal(0, 2, (classes, features))
+    x = centres[y] + rng.normal(0, 1, (rows, features)) * rng.uniform(0.5, 3, features)
+    x[rng.random(x.shape) < missing] = np.nan
+    df = pd.DataFrame(x, columns=[f"f{i}" for i in range(features)])
+    df[label] = [f"class_{c}" for c in y]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    return path
+
+
+def tiny_params(source: str = "data/raw/table.csv", label: str = "label", **overrides) -> dict:
+    """params.yaml content for one small, fast `tabular` pipeline; `overrides` are dotted keys."""
+    params = {
+        "demo": {"dir": "data/demo"},
+        "tabular": {
+            "family": "tabular",
+            "seed": 7,
+            "data": {"source": source, "label": label},
+            "prepare": {"out_dir": "data/prepared/tabular", "impute": "median"},
+            "model": {"name": "mlp", "hidden": [16, 8], "dropout": 0.0},
+            "train": {
+                "out_dir": "models/tabular", "checkpoint": "checkpoints/tabular.pt",
+                "epochs": 3, "batch_size": 32, "device": "cpu",
+                "optimizer": {"name": "adam", "lr": 0.01},
+                "early_stopping": {"patience": None},
+            },
+            "evaluate": {"out_dir": "reports/tabular/evaluation", "metrics": "reports/tabular/metrics.json"},
+            "promote": {"registered_model": "tabular", "out": "reports/tabular/promotion.json"},
+        },
+    }
+    for dotted, value in overrides.items():
+        node = params
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return params
+
+
+def write_params(project: Path, params: dict) -> Path:
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def ratchet(project: Path, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the `ratchet` CLI in `project` as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "ratchet", *args, "--params", str(project / "params.yaml")],
+                          cwd=project, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ratchet {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def git(project: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.email=test@ratchet", "-c", "user.name=test", *args], cwd=project,
+                   check=True, capture_output=True)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A plain directory with a tiny CSV and params.yaml (no git, no DVC)."""
+    make_csv(tmp_path / "data/raw/table.csv")
+    write_params(tmp_path, tiny_params())
+    return tmp_path
+
+
+@pytest.fixture
+def dvc_project(tmp_path: Path) -> Path:
+    """A git + DVC project: the repo's dvc.yaml and source tree (DVC hashes it as stage deps)."""
+    make_csv(tmp_path / "data/raw/table.csv")
+    write_params(tmp_path, tiny_params())
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")
+    shutil.copytree(REPO / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (tmp_path / ".gitignore").write_text("mlflow.db\nmlruns/\ncheckpoints/\n")
+    git(tmp_path, "init", "-q")
+    dvc(tmp_path, "init", "-q")
+    dvc(tmp_path, "config", "core.analytics", "false")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "tiny project")
+    return tmp_path
+
+
+def mlflow_client(project: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def runs_by_status(project: Path) -> dict[str, int]:
+    """How many MLflow runs of the project's database are in each status (empty if no database)."""
+    if not (project / "mlflow.db").exists():
+        return {}
+    client = mlflow_client(project)
+    counts: dict[str, int] = {}
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id]):
+            counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    return counts
