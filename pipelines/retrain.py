@@ -3,7 +3,7 @@
     python -m pipelines.retrain                 # every pipeline (this is `make run`)
     python -m pipelines.retrain tabular         # only the named ones
 
-Each task runs `dvc repro <pipeline>_<step>`: DVC decides what is stale, runs the stage's
+Each task runs `dvc repro <pipeline>_<step>` (and first `dvc repro demo_data`): DVC decides what is stale, runs the stage's
 command and records dvc.lock, so after the flow `dvc status` is clean and `dvc repro` has
 nothing to do. The flow holds no ML logic. Train is retried (`--train-retries`), and a retry
 resumes from the checkpoint the failed attempt left. Without PREFECT_API_URL, Prefect starts
@@ -20,6 +20,7 @@ import sys
 from collections import deque
 from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
@@ -28,6 +29,7 @@ from ratchet.errors import RatchetError
 from ratchet.tracking.lineage import FLOW_RUN_ENV
 
 STEPS = ("prepare", "train", "evaluate", "promote")
+DEMO_STAGE = "demo_data"
 
 
 @task
@@ -65,8 +67,12 @@ def pipeline_flow(pipeline: str, params_file: str = "params.yaml", train_retries
 
 @flow(name="ratchet-retrain")
 def retrain(pipelines: list[str] | None = None, params_file: str = "params.yaml", train_retries: int = 2) -> dict:
-    """Every named pipeline (default: all in params.yaml), one after another."""
-    names = pipelines or list(load_params(params_file).pipelines)
+    """The demo-data stage, then every named pipeline (default: all in params.yaml) in turn."""
+    params = load_params(params_file)
+    stages = (yaml.safe_load((params.root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    if DEMO_STAGE in stages:  # upstream of no pipeline once they all read your own data
+        dvc_repro.with_options(name=DEMO_STAGE)(DEMO_STAGE, str(params.root))
+    names = pipelines or list(params.pipelines)
     return {name: pipeline_flow(name, params_file, train_retries) for name in names}
 
 

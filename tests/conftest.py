@@ -28,7 +28,17 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_REGISTRY_URI", None)
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `ratchet` for dvc.yaml's cmds
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri():
+    """MLflow exports the URI of the last project a test used into os.environ; clear it so
+    subprocesses and the next test start from their own project's database."""
+    yield
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(var, None)
 
 
 def make_csv(path: Path, rows: int = 300, features: int = 6, classes: int = 3, missing: float = 0.05,
@@ -131,8 +141,8 @@ def dvc_project(tmp_path: Path) -> Path:
 def mlflow_client(project: Path):
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    return mlflow.MlflowClient()
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def runs_by_status(project: Path) -> dict[str, int]:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ratchet.config import MLPConfig, OptimizerConfig, SchedulerConfig, TrainConfig
+from ratchet.errors import RatchetError
 from ratchet.evaluate.metrics import validation_metrics
 from ratchet.models.mlp import MLP
 from ratchet.train.checkpoint import load_checkpoint, save_checkpoint
@@ -129,3 +130,11 @@ def test_checkpoint_describes_itself_and_loads_with_weights_only(tmp_path):
     state = load_checkpoint(cfg.checkpoint)  # weights_only=True inside
     assert state["epoch"] == 2 and state["run_id"] == "r1" and len(state["history"]) == 2
     assert set(state) >= {"model", "optimizer", "scheduler", "early_stopping", "rng"}
+
+
+def test_a_diverged_loss_stops_training_with_a_clear_error(tmp_path):
+    cfg = train_cfg(tmp_path, epochs=3)
+    trainer = make_trainer(cfg)
+    trainer.train_loader.tensors[0][5, 2] = float("nan")  # one bad value poisons the loss
+    with pytest.raises(RatchetError, match="training loss is nan in epoch 1: the model diverged"):
+        trainer.fit()

@@ -101,7 +101,7 @@ def _write_outputs(params: Params, name: str, cfg: PipelineConfig, meta: dict, m
         confusion = _confusion(predictions, prepared.array("test_y"), len(classes))
         confusion_matrix_png(confusion, classes, tmp / "confusion_matrix.png", f"{name}: test confusion matrix")
         use_tracking(params.root)
-        with training_run(name, run_id=run_id):
+        with training_run(name, params.root, run_id=run_id):
             mlflow.log_metrics(numeric(metrics, "test_"))
             for cls, row in metrics["per_class"].items():
                 mlflow.log_metrics(numeric(row, f"test_class_{_metric_safe(cls)}_"))

@@ -82,7 +82,7 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
         use_tracking(params.root)
         tags = {"ratchet.pipeline": name, "ratchet.family": cfg.family,
                 **lineage_tags(params.root, meta, [cfg.prepare.out_dir])}
-        run_ctx = training_run(name, run_id=state["run_id"] if state else None, tags=tags)
+        run_ctx = training_run(name, params.root, run_id=state["run_id"] if state else None, tags=tags)
     else:
         run_ctx = contextlib.nullcontext()
     with run_ctx as active:

@@ -21,20 +21,47 @@ from ratchet.errors import RatchetError
 RUN_FILE = "run.json"
 
 
+# MLflow exports the URIs it is given into os.environ (for child processes). Those values are
+# ours, not a user's override, and must not pin a later project to this one's database.
+_EXPORTED_DEFAULTS: dict[str, str] = {}
+
+
+def _override(var: str) -> str | None:
+    value = os.environ.get(var)
+    return None if not value or value == _EXPORTED_DEFAULTS.get(var) else value
+
+
 def use_tracking(root: Path) -> str:
-    """Point MLflow at the project's database (or MLFLOW_TRACKING_URI); return the URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    """Point MLflow tracking and registry at the project's database, unless MLFLOW_TRACKING_URI
+    (and MLFLOW_REGISTRY_URI) say otherwise; return the tracking URI."""
+    default = f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    uri = _override("MLFLOW_TRACKING_URI") or default
+    registry = _override("MLFLOW_REGISTRY_URI") or uri
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(registry)  # explicitly: MLflow may keep the registry of an earlier URI
+    for var, value in (("MLFLOW_TRACKING_URI", uri), ("MLFLOW_REGISTRY_URI", registry)):
+        if value == default:
+            _EXPORTED_DEFAULTS[var] = value
     return uri
 
 
+def experiment_id(name: str, root: Path) -> str:
+    """The experiment `name`, created on first use. With a local database its artifacts go to
+    <project>/mlartifacts/<name> (MLflow's own default depends on the working directory)."""
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    local = mlflow.get_tracking_uri().startswith("sqlite:")
+    return mlflow.create_experiment(name, artifact_location=(Path(root) / "mlartifacts" / name).as_uri() if local else None)
+
+
 @contextmanager
-def training_run(experiment: str, run_id: str | None = None, tags: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+def training_run(experiment: str, root: Path, run_id: str | None = None,
+                 tags: dict | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start a run (or reopen `run_id`). It ends FINISHED, KILLED when interrupted (Ctrl-C,
     SIGTERM), or FAILED when the body raises: never left RUNNING by an error we can see."""
-    exp = mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp.experiment_id, tags=tags,
-                           log_system_metrics=False)
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id(experiment, root),
+                           tags=tags, log_system_metrics=False)
     try:
         yield run
     except KeyboardInterrupt:

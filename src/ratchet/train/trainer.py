@@ -8,6 +8,7 @@ them). Losses and metrics are reduced over all processes before anyone sees them
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from torchmetrics import MetricCollection
 from tqdm.auto import tqdm
 
 from ratchet.config import TrainConfig
+from ratchet.errors import RatchetError
 from ratchet.train.checkpoint import save_checkpoint
 from ratchet.train.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from ratchet.train.early_stopping import EarlyStopping
@@ -81,7 +83,11 @@ class Trainer:
             total[0] += loss.float() * len(targets)
             total[1] += len(targets)
         all_reduce_sum(total)
-        return (total[0] / total[1]).item()
+        loss = (total[0] / total[1]).item()
+        if not math.isfinite(loss):
+            raise RatchetError(f"training loss is {loss} in epoch {epoch + 1}: the model diverged "
+                               "(lower train.optimizer.lr, set train.grad_clip, or check the data for NaN)")
+        return loss
 
     @torch.no_grad()
     def _validate(self) -> dict[str, float]:

@@ -1,0 +1,91 @@
+"""The Prefect flow end to end on tiny data: real DVC, MLflow, and an ephemeral Prefect server."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+from conftest import dvc, git, mlflow_client, tiny_params, write_params
+
+from ratchet.train.checkpoint import load_checkpoint
+
+GOOD = {"tabular.train.epochs": 4, "tabular.train.optimizer.lr": 0.01}
+WORSE = {"tabular.train.epochs": 1, "tabular.train.optimizer.lr": 1e-6}
+
+
+@pytest.mark.slow
+def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project):
+    from pipelines.retrain import pipeline_flow, retrain
+
+    write_params(dvc_project, tiny_params(**GOOD))
+    git(dvc_project, "commit", "-qam", "good settings")
+    dvc(dvc_project, "repro", "demo_data")  # retrain() does this; pipeline_flow() alone does not
+    state = pipeline_flow("tabular", str(dvc_project / "params.yaml"), 0, return_state=True)
+    first = state.result()
+    assert first["promoted"] and first["version"] == 1
+
+    assert json.loads(dvc(dvc_project, "status", "--json").stdout) == {}
+    assert "Running stage" not in dvc(dvc_project, "repro").stdout
+
+    client = mlflow_client(dvc_project)
+    assert int(client.get_model_version_by_alias("tabular", "champion").version) == 1
+    run_id = json.loads((dvc_project / "models/tabular/run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run_id, "val_loss")) == 4
+    assert "test_f1_macro" in run.data.metrics
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dvc_project, capture_output=True, text=True).stdout
+    assert run.data.tags["ratchet.git.commit"] == head.strip()
+    assert run.data.tags["ratchet.git.dirty"] == "false"
+    assert run.data.tags["ratchet.prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())
+    prepared_md5 = lock["stages"]["tabular_prepare"]["outs"][0]["md5"]
+    assert run.data.tags["ratchet.dvc.data/prepared/tabular"] == prepared_md5
+
+    # A clearly worse setting: registered, re-scored against the champion, refused.
+    write_params(dvc_project, tiny_params(**WORSE))
+    second = retrain(["tabular"], str(dvc_project / "params.yaml"), 0)["tabular"]
+    assert second == json.loads((dvc_project / "reports/tabular/promotion.json").read_text())
+    assert not second["promoted"] and second["version"] == 2 and second["champion_after"] == 1
+    tags = client.get_model_version("tabular", "2").tags
+    assert tags["ratchet.promotion.promoted"] == "false"
+    assert re.match(r"f1_macro \d\.\d{4} vs champion v1 \d\.\d{4} on the same test split: not better", tags[
+        "ratchet.promotion.reason"])
+    assert int(client.get_model_version_by_alias("tabular", "champion").version) == 1
+    assert client.get_run(client.get_model_version("tabular", "2").run_id).data.tags["ratchet.git.dirty"] == "true"
+    assert json.loads(dvc(dvc_project, "status", "--json").stdout) == {}
+
+
+@pytest.mark.slow
+def test_flow_retries_a_killed_training_which_resumes_its_run(dvc_project):
+    write_params(dvc_project, tiny_params(**{"tabular.train.epochs": 40, "tabular.train.batch_size": 8}))
+    checkpoint = dvc_project / "checkpoints/tabular.pt"
+    flow = subprocess.Popen([sys.executable, "-m", "pipelines.retrain", "tabular", "--train-retries", "1"],
+                            cwd=dvc_project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed_at = None
+    deadline = time.monotonic() + 240
+    while killed_at is None and time.monotonic() < deadline and flow.poll() is None:
+        if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] >= 2:
+            for child in psutil.Process(flow.pid).children(recursive=True):
+                if child.cmdline()[-2:] == ["train", "tabular"]:
+                    killed_at = load_checkpoint(checkpoint)
+                    child.send_signal(signal.SIGKILL)
+        time.sleep(0.02)
+    out, _ = flow.communicate(timeout=300)
+    assert killed_at is not None, out
+    assert flow.returncode == 0, out
+    assert "resuming tabular from" in out  # the retry picked the checkpoint up
+    run_id = json.loads((dvc_project / "models/tabular/run.json").read_text())["run_id"]
+    assert run_id == killed_at["run_id"]
+    client = mlflow_client(dvc_project)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == set(range(1, 41))
+    assert json.loads((dvc_project / "reports/tabular/promotion.json").read_text())["promoted"]
+    assert json.loads(dvc(dvc_project, "status", "--json").stdout) == {}
