@@ -75,7 +75,11 @@ def test_promote_rerun_registers_nothing_new(project):
     first = train_and_promote(project, **GOOD)
     again = stage(project, promote, **GOOD)
     assert again["version"] == first["version"] and again["promoted"]
+    assert again["reason"] == f"v{first['version']} is already @champion"
     assert len(mlflow_client(project).search_model_versions("name='tabular'")) == 1
+    run_id = json.loads((project / "models/tabular/run.json").read_text())["run_id"]
+    version = mlflow_client(project).get_model_version("tabular", "1")
+    assert version.run_id == run_id and version.tags["ratchet.input"].startswith("features: f0, f1")
 
 
 def test_champion_is_rescored_on_the_current_test_split(project):
@@ -91,16 +95,19 @@ def test_champion_is_rescored_on_the_current_test_split(project):
     assert now != pytest.approx(first["score"])  # the number stored from the old split was not used
 
 
-def test_a_champion_trained_on_other_features_is_not_compared(project):
+def test_a_new_dataset_under_the_old_model_name_fails_before_training(project):
     stage(project, prepare)
     train_and_promote(project, **GOOD)
     df = pd.read_csv(project / "data/raw/table.csv").drop(columns="f5")
     df.to_csv(project / "data/raw/table.csv", index=False)
     stage(project, prepare)
-    stage(project, train, **GOOD)
-    with pytest.raises(RatchetError, match="set promote.registered_model to a new name"):
-        stage(project, promote, **GOOD)
+    with pytest.raises(RatchetError, match=r"champion v1 takes features: f0, f1, f2, f3, f4, f5, this data has "
+                                           r"features: f0, f1, f2, f3, f4; set promote.registered_model"):
+        stage(project, train, **GOOD)
     assert len(mlflow_client(project).search_model_versions("name='tabular'")) == 1
+    assert runs_by_status(project) == {"FINISHED": 1}  # no run was started for the refused training
+    renamed = train_and_promote(project, **GOOD, **{"tabular.promote.registered_model": "tabular_v2_data"})
+    assert renamed["promoted"] and renamed["reason"].startswith("first model")
 
 
 def test_evaluation_under_two_processes_equals_one(project):

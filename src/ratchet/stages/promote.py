@@ -1,9 +1,9 @@
-"""Register the trained model and promote it if it beats the champion: `ratchet promote tabular`.
+"""Promote the trained version if it beats the champion: `ratchet promote tabular`.
 
-Registers the run's logged model as a new version of `promote.registered_model`, then scores
-that version and the current `@champion` on the same test split, now (never a number stored
-from other data): both are loaded from the registry, raw test inputs in, so each applies its
-own preprocessing. `@champion` moves only if the new version is better by more than
+The train stage registered the run's model as a new version of `promote.registered_model`.
+This stage scores that version and the current `@champion` on the same test split, now (never
+a number stored from other data): both are loaded from the registry, raw test inputs in, so
+each applies its own preprocessing. `@champion` moves only if the new version is better by more than
 `promote.min_delta`. The decision and reason are tagged on the version and written to
 `promote.out` (promotion.json).
 """
@@ -20,9 +20,7 @@ from ratchet.config import Params
 from ratchet.data.prepared import load_prepared, write_json
 from ratchet.evaluate.metrics import test_metrics
 from ratchet.models.serving import input_description
-from ratchet.tracking.registry import (
-    FEATURES_TAG, Decision, champion_version, check_comparable, decide, record, register,
-)
+from ratchet.tracking.registry import Decision, champion_version, check_comparable, decide, record
 from ratchet.tracking.runs import read_run_file, use_tracking
 
 
@@ -38,9 +36,7 @@ def run(params: Params, name: str) -> dict:
     champion = champion_version(client, registered)
     if champion is not None:
         check_comparable(champion, input_description(meta), registered)
-    version = register(client, registered, run_info["model_uri"], run_info["run_id"], {
-        FEATURES_TAG: input_description(meta), "ratchet.pipeline": name, "ratchet.data.hash": meta["data_hash"],
-    })
+    version = client.get_model_version(registered, str(run_info["version"]))
     metric, classes = cfg.promote.metric, len(meta["classes"])
     score = score_model(f"models:/{registered}/{version.version}", x, y, classes, metric)
     if champion is not None and champion.version == version.version:
@@ -51,7 +47,6 @@ def run(params: Params, name: str) -> dict:
             rival = (champion.version, score_model(f"models:/{registered}/{champion.version}", x, y, classes, metric))
         decision = decide(metric, score, rival, cfg.promote.direction, cfg.promote.min_delta)
     record(client, registered, version, decision)
-    client.set_tag(run_info["run_id"], "ratchet.registered_version", str(version.version))
     client.set_tag(run_info["run_id"], "ratchet.promoted", str(decision.promoted).lower())
 
     before = decision.champion_version

@@ -6,10 +6,14 @@ CPU, NCCL on GPUs). Across nodes, start it on every node with torchrun yourself:
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
         -m ratchet train tabular
 
-Writes `train.out_dir`: model.pt (the best weights, self-describing), history.csv (one row per
-epoch, for `dvc plots`), curves.png and run.json (the MLflow run and logged model). While it
-runs, `train.checkpoint` holds the last finished epoch; a restarted run resumes from it and
-continues the same MLflow run. The checkpoint is deleted when training finishes.
+Logs the run to MLflow and registers the model as a new version of `promote.registered_model`
+(the promote stage then decides whether it becomes `@champion`). Before training it checks
+that the champion, if any, takes the same inputs, so a new dataset under an old name fails
+at once, not after the training. Writes `train.out_dir`: model.pt (the best weights,
+self-describing), history.csv (one row per epoch, for `dvc plots`), curves.png and run.json
+(MLflow run, logged model, registered version). While it runs, `train.checkpoint` holds the
+last finished epoch; a restarted run resumes from it and continues the same MLflow run. The
+checkpoint is deleted when training finishes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from ratchet.config import Params, PipelineConfig, config_hash
@@ -33,7 +38,8 @@ from ratchet.errors import RatchetError
 from ratchet.evaluate.metrics import validation_metrics
 from ratchet.evaluate.plots import curves_png
 from ratchet.models import build_model, count_parameters
-from ratchet.models.serving import example_input, serving_model
+from ratchet.models.serving import example_input, input_description, serving_model
+from ratchet.tracking.registry import FEATURES_TAG, champion_version, check_comparable, register
 from ratchet.tracking.lineage import lineage_tags
 from ratchet.tracking.runs import RUN_FILE, flatten, mark_killed, numeric, training_run, use_tracking
 from ratchet.train.checkpoint import load_checkpoint
@@ -72,7 +78,7 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
     scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs, mode)
     train_loader = BatchLoader(_tensors(prepared, "train"), cfg.train.batch_size // dist.world_size, dist,
                                train=True, seed=cfg.seed)
-    val_loader = BatchLoader(_tensors(prepared, "val"), cfg.train.batch_size // dist.world_size, dist, train=False)
+    val_loader = BatchLoader(_tensors(prepared, "val"), cfg.evaluate.batch_size, dist, train=False)
     chash = config_hash(cfg.model, cfg.train.model_dump(mode="json", exclude={"out_dir", "checkpoint"}),
                         cfg.seed, meta["data_hash"])
     state = _resumable(cfg.train.checkpoint, chash, dist)
@@ -80,6 +86,9 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
 
     if dist.is_main:
         use_tracking(params.root)
+        champion = champion_version(MlflowClient(), cfg.promote.registered_model)
+        if champion is not None:
+            check_comparable(champion, input_description(meta), cfg.promote.registered_model)
         tags = {"ratchet.pipeline": name, "ratchet.family": cfg.family,
                 **lineage_tags(params.root, meta, [cfg.prepare.out_dir])}
         run_ctx = training_run(name, params.root, run_id=state["run_id"] if state else None, tags=tags)
@@ -162,11 +171,16 @@ def _write_outputs(cfg: PipelineConfig, name: str, net: torch.nn.Module, meta: d
             signature=infer_signature(example, served(torch.from_numpy(example)).detach().numpy()),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
+        version = register(MlflowClient(), cfg.promote.registered_model, info.model_uri, run_id, {
+            FEATURES_TAG: input_description(meta), "ratchet.pipeline": name, "ratchet.data.hash": meta["data_hash"],
+        })
+        mlflow.set_tag("ratchet.registered_version", str(version.version))
         timings["logging_seconds"] = time.perf_counter() - logging_started
         run = mlflow.get_run(run_id)
         (tmp / RUN_FILE).write_text(json.dumps({
             "run_id": run_id, "experiment": name, "experiment_id": run.info.experiment_id,
-            "model_uri": info.model_uri, "metrics": result, "timings": timings,
+            "model_uri": info.model_uri, "registered_model": cfg.promote.registered_model,
+            "version": int(version.version), "metrics": result, "timings": timings,
         }, indent=2) + "\n")
         replace_dir(tmp, out_dir)
     except BaseException:

@@ -51,7 +51,8 @@ def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
 
 
 def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str]) -> ModelVersion:
-    """Register the run's model, once: a rerun of promote finds the version it made before."""
+    """Register the run's model, once: asked again for the same run and model, it returns the
+    version it made before."""
     for version in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
         if version.source == model_uri:
             return version

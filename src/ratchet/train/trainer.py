@@ -8,6 +8,7 @@ them). Losses and metrics are reduced over all processes before anyone sees them
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -59,8 +60,14 @@ class Trainer:
         self.epochs_done = 0
         self.history: list[dict] = []
 
+    def _autocast(self):
+        """bf16 autocast on CUDA when amp is on; nothing otherwise (not even a disabled context)."""
+        if self.amp:
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _run_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self._autocast():
             loss = self.loss_fn(self.model(inputs), targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -73,16 +80,16 @@ class Trainer:
         """One pass over this process's shard; the mean training loss over all processes."""
         self.model.train()
         self.train_loader.set_epoch(epoch)
-        total = torch.zeros(2, device=self.dist.device)  # (sum of loss x samples, samples), no per-step sync
         # A batch bar only once an epoch has run for a while: short epochs stay one log line each.
         batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
                        disable=not self.dist.is_main, delay=2 if sys.stderr.isatty() else 30,
                        mininterval=0.1 if sys.stderr.isatty() else 30)
+        losses, sizes = [], []  # kept on the device: no host sync per step
         for inputs, targets in batches:
-            loss = self._run_batch(inputs, targets)
-            total[0] += loss.float() * len(targets)
-            total[1] += len(targets)
-        all_reduce_sum(total)
+            losses.append(self._run_batch(inputs, targets))
+            sizes.append(len(targets))
+        weights = torch.tensor(sizes, device=self.dist.device, dtype=torch.float32)
+        total = all_reduce_sum(torch.stack([(torch.stack(losses).float() * weights).sum(), weights.sum()]))
         loss = (total[0] / total[1]).item()
         if not math.isfinite(loss):
             raise RatchetError(f"training loss is {loss} in epoch {epoch + 1}: the model diverged "
@@ -96,7 +103,7 @@ class Trainer:
         self.val_metrics.reset()
         total = torch.zeros(2, device=self.dist.device)
         for inputs, targets in self.val_loader:
-            with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with self._autocast():
                 outputs = self.module(inputs)
             total[0] += self.loss_fn(outputs.float(), targets) * len(targets)
             total[1] += len(targets)
