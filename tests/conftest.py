@@ -72,7 +72,8 @@ def tiny_params(source: str = "data/raw/table.csv", label: str = "label", **over
                 "optimizer": {"name": "adam", "lr": 0.01},
                 "early_stopping": {"patience": None},
             },
-            "evaluate": {"out_dir": "reports/tabular/evaluation", "metrics": "reports/tabular/metrics.json"},
+            "evaluate": {"out_dir": "reports/tabular/evaluation", "metrics": "reports/tabular/metrics.json",
+                         "batch_size": 1024},
             "promote": {"registered_model": "tabular", "out": "reports/tabular/promotion.json"},
         },
     }
