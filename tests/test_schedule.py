@@ -1,0 +1,79 @@
+"""Scheduled retraining against a real Prefect server: the cron schedule creates runs, and the
+served deployment executes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_cron_deployment_schedules_runs_and_serves_them(dvc_project, tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    served = None
+    try:
+        def healthy():
+            try:
+                return httpx.get(f"{api}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, 90, "the Prefect server")
+        served = subprocess.Popen([sys.executable, "-m", "pipelines.deploy", "--cron", "0 3 * * 1"],
+                                  cwd=dvc_project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        deployment = wait_for(
+            lambda: httpx.post(f"{api}/deployments/filter", json={}).json(), 60, "the deployment")[0]
+        assert deployment["name"] == "scheduled"
+        assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
+
+        def runs(state: str) -> list:
+            body = {"deployments": {"id": {"any_": [deployment["id"]]}},
+                    "flow_runs": {"state": {"type": {"any_": [state]}}}}
+            return httpx.post(f"{api}/flow_runs/filter", json=body).json()
+
+        # The server's scheduler creates the upcoming Monday 03:00 runs on its own.
+        upcoming = wait_for(lambda: runs("SCHEDULED"), 60, "scheduled runs")
+        assert {run["expected_start_time"][11:16] for run in upcoming} == {"03:00"}
+
+        # Run one now: the served process picks it up and runs the whole flow.
+        httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}).raise_for_status()
+        wait_for(lambda: runs("COMPLETED") or runs("FAILED") or runs("CRASHED"), 240, "the triggered run")
+        assert runs("COMPLETED"), served.stdout
+        promotion = json.loads((dvc_project / "reports/tabular/promotion.json").read_text())
+        assert promotion["promoted"] and promotion["version"] == 1
+    finally:
+        for proc in (served, server):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
