@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
@@ -48,7 +49,7 @@ class BatchLoader:
     def indices(self) -> torch.Tensor:
         """This process's sample indices for the current epoch, in batch order."""
         if self.sampler is not None:
-            return torch.tensor(list(self.sampler), dtype=torch.long)
+            return torch.from_numpy(np.fromiter(iter(self.sampler), np.int64, len(self.sampler)))
         return torch.arange(self.dist.rank, self.n, self.dist.world_size)
 
     def __len__(self) -> int:
