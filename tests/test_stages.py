@@ -124,6 +124,28 @@ def test_evaluation_under_two_processes_equals_one(project):
     assert (project / "reports/tabular/evaluation/predictions.csv").read_text() == alone_predictions
 
 
+def test_training_under_two_processes_ends_where_one_process_does(project):
+    import torch
+
+    settings = {**GOOD, "tabular.model.batchnorm": True, "tabular.train.batch_size": 30}  # 15 per process
+    stage(project, prepare)
+    write_params(project, tiny_params(**settings))
+    ratchet(project, "train", "tabular")
+    alone = torch.load(project / "models/tabular/model.pt", weights_only=True)
+    write_params(project, tiny_params(**settings, **{"tabular.train.nproc": 2}))
+    proc = ratchet(project, "train", "tabular")  # re-launches itself under torchrun, gloo
+    pair = torch.load(project / "models/tabular/model.pt", weights_only=True)
+    assert proc.stdout.count("trained tabular:") == 1  # rank 0 alone prints and writes
+    assert pair["metrics"]["best_epoch"] == alone["metrics"]["best_epoch"]
+    assert pair["model"].keys() == alone["model"].keys()  # saved with plain BatchNorm names
+    for key, value in alone["model"].items():
+        torch.testing.assert_close(pair["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    client = mlflow_client(project)
+    run = client.get_run(json.loads((project / "models/tabular/run.json").read_text())["run_id"])
+    assert run.data.params["world_size"] == "2" and run.info.status == "FINISHED"
+    assert runs_by_status(project) == {"FINISHED": 2}
+
+
 def assert_close(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key, value in a.items():

@@ -17,7 +17,9 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for hidden in cfg.hidden:
-            layers.append(nn.Linear(width, hidden))
+            # BatchNorm subtracts the batch mean, so a bias before it does nothing but drift on
+            # rounding noise (which Adam scales up to full-size steps): leave it out.
+            layers.append(nn.Linear(width, hidden, bias=not cfg.batchnorm))
             if cfg.batchnorm:
                 layers.append(nn.BatchNorm1d(hidden))
             layers.append(ACTIVATIONS[cfg.activation]())
