@@ -38,9 +38,7 @@ def run(params: Params, name: str) -> dict:
     prepared = load_prepared(cfg.prepare.out_dir)
     run_info = read_run_file(cfg.train.out_dir)
     if cfg.evaluate.nproc > 1 and not under_torchrun():
-        code = launch(cfg.evaluate.nproc, ["evaluate", name, "--params", str(params.file)])
-        if code != 0:
-            raise RatchetError(f"evaluating {name} under torchrun failed (exit code {code}); see the log above")
+        launch(cfg.evaluate.nproc, "evaluate", name, str(params.file))
         return json.loads(cfg.evaluate.metrics.read_text())
     with distributed(cfg.train.device) as dist:
         metrics, predictions = _evaluate(cfg, prepared, dist)
@@ -52,11 +50,13 @@ def run(params: Params, name: str) -> dict:
 
 
 def load_trained(cfg: PipelineConfig, meta: dict, device: torch.device) -> torch.nn.Module:
+    """The trained network, rebuilt from the model config saved with it (not today's params)."""
     path = cfg.train.out_dir / MODEL_FILE
     if not path.is_file():
         raise RatchetError(f"{path}: not found; run the train stage first")
-    net = build_model(cfg.model, meta)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    net = build_model(type(cfg.model).model_validate(saved["config"]["model"]), meta)
+    net.load_state_dict(saved["model"])
     return net.to(device).eval()
 
 

@@ -34,7 +34,6 @@ from mlflow.models import infer_signature
 
 from ratchet.config import Params, PipelineConfig, config_hash
 from ratchet.data.prepared import Prepared, load_prepared, replace_dir
-from ratchet.errors import RatchetError
 from ratchet.evaluate.metrics import validation_metrics
 from ratchet.evaluate.plots import curves_png
 from ratchet.models import build_model, count_parameters
@@ -57,9 +56,8 @@ def run(params: Params, name: str) -> dict:
     cfg = params.pipeline(name)
     prepared = load_prepared(cfg.prepare.out_dir)
     if cfg.train.nproc > 1 and not under_torchrun():
-        code = launch(cfg.train.nproc, ["train", name, "--params", str(params.file)])
-        if code != 0:
-            raise RatchetError(f"training {name} under torchrun failed (exit code {code}); see the log above")
+        _check_registry(params, cfg, prepared.meta)  # fail here, before any process starts
+        launch(cfg.train.nproc, "train", name, str(params.file))
         return json.loads((cfg.train.out_dir / RUN_FILE).read_text())["metrics"]
     with distributed(cfg.train.device) as dist:
         return _train(params, name, cfg, prepared, dist)
@@ -85,10 +83,7 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
     torch.manual_seed(cfg.seed + dist.rank)  # dropout draws differ between processes
 
     if dist.is_main:
-        use_tracking(params.root)
-        champion = champion_version(MlflowClient(), cfg.promote.registered_model)
-        if champion is not None:
-            check_comparable(champion, input_description(meta), cfg.promote.registered_model)
+        _check_registry(params, cfg, meta)
         tags = {"ratchet.pipeline": name, "ratchet.family": cfg.family,
                 **lineage_tags(params.root, meta, [cfg.prepare.out_dir])}
         run_ctx = training_run(name, params.root, run_id=state["run_id"] if state else None, tags=tags)
@@ -122,6 +117,14 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
               + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_"))
               + f" -> {cfg.train.out_dir}")
     return result
+
+
+def _check_registry(params: Params, cfg: PipelineConfig, meta: dict) -> None:
+    """Refuse to train a model that could not be compared with the registered champion."""
+    use_tracking(params.root)
+    champion = champion_version(MlflowClient(), cfg.promote.registered_model)
+    if champion is not None:
+        check_comparable(champion, input_description(meta), cfg.promote.registered_model)
 
 
 def _tensors(prepared: Prepared, split: str) -> list[torch.Tensor]:

@@ -43,12 +43,15 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run `python -m ratchet <argv>` as `nproc` local processes under torchrun; return its exit code."""
+def launch(nproc: int, stage: str, pipeline: str, params_file: str) -> None:
+    """Run `ratchet <stage> <pipeline>` as `nproc` local processes under torchrun (each process
+    gets an equal share of the CPU threads); raise if any of them fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "ratchet", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
-    return subprocess.run(cmd, env=env).returncode
+           "-m", "ratchet", stage, pipeline, "--params", params_file]
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    code = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}).returncode
+    if code != 0:
+        raise RatchetError(f"{stage} {pipeline} under torchrun failed (exit code {code}); see the log above")
 
 
 def resolve_device(preference: str, local_rank: int) -> torch.device:
