@@ -12,7 +12,12 @@ FLOW_RUN_ENV = "RATCHET_FLOW_RUN_ID"  # set by the Prefect flow for the stages i
 
 
 def git_state(root: Path) -> dict[str, str]:
-    """The commit and whether the work tree differs from it ('unknown' outside git)."""
+    """The commit, and whether code or params differ from it ('unknown' outside git).
+
+    dvc.lock and the stages' own git-tracked outputs (metrics.json, promotion.json, DVC's
+    .gitignore files) do not count: `dvc repro` rewrites them while it runs, so counting them
+    would call every pipeline run from a clean checkout dirty.
+    """
 
     def git(*args: str) -> str | None:
         try:
@@ -22,22 +27,28 @@ def git_state(root: Path) -> dict[str, str]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    generated = ["dvc.lock", "**/.gitignore", *_lock(root).get("outs", [])]
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 *(f":(exclude,glob){path}" for path in generated))
     return {"commit": commit or "unknown", "dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def _lock(root: Path) -> dict[str, dict[str, str]]:
+    """dvc.lock's stage outputs: {"outs": {path: md5}} (empty without a dvc.lock)."""
+    lock = Path(root) / "dvc.lock"
+    outs: dict[str, str] = {}
+    if lock.is_file():
+        for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+            for entry in stage.get("outs", []):
+                outs[entry["path"]] = entry.get("md5", "")
+    return {"outs": outs}
 
 
 def dvc_lock_hashes(root: Path, paths: list[Path]) -> dict[str, str]:
     """The md5 that dvc.lock records for each of `paths` (as an output of an earlier stage)."""
-    lock = Path(root) / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    recorded: dict[str, str] = {}
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        for entry in stage.get("outs", []):
-            if "md5" in entry:
-                recorded[entry["path"]] = entry["md5"]
-    wanted = {os.path.relpath(p, root): p for p in paths}
-    return {rel: recorded[rel] for rel in wanted if rel in recorded}
+    recorded = _lock(root)["outs"]
+    wanted = [os.path.relpath(p, root) for p in paths]
+    return {rel: recorded[rel] for rel in wanted if recorded.get(rel)}
 
 
 def lineage_tags(root: Path, meta: dict, dvc_deps: list[Path]) -> dict[str, str]:
