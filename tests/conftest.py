@@ -56,8 +56,64 @@ def make_csv(path: Path, rows: int = 300, features: int = 6, classes: int = 3, m
     return path
 
 
+IMAGE_CLASSES = ("blue sky", "Zürich", "dots", "stripes")  # spaces and non-ASCII on purpose
+
+
+def make_image_tree(root: Path, per_class: int = 12, classes: tuple[str, ...] = IMAGE_CLASSES, seed: int = 0,
+                    size: tuple[int, int] = (20, 24)) -> Path:
+    """An ImageFolder tree of learnable images: each class its own colour and pattern, with noise.
+    Mixed formats and modes (RGB and greyscale PNG, JPEG, RGBA PNG) and sizes, as real trees are."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            h, w = size[0] + i % 3, size[1] - i % 2
+            base = np.zeros((h, w, 3))
+            base[..., c % 3] = 150
+            if c % 2:
+                base[:, ::3] = 255
+            else:
+                base[::4, ::4] = 255
+            pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+            image = Image.fromarray(pixels, "RGB")
+            kind = i % 4
+            if kind == 0:
+                image.save(folder / f"img_{i:03d}.png")
+            elif kind == 1:
+                image.save(folder / f"img_{i:03d}.jpg", quality=90)
+            elif kind == 2:
+                image.convert("L").save(folder / f"img_{i:03d}.png")
+            else:
+                image.convert("RGBA").save(folder / f"img_{i:03d}.png")
+    return root
+
+
+def tiny_image_section(root: str = "data/raw/images", **data) -> dict:
+    """A small, fast `image` pipeline section (course CNN at 16x16)."""
+    return {
+        "family": "image",
+        "seed": 7,
+        "data": {"root": root, "channels": "rgb", "size": [16, 16], **data},
+        "prepare": {"out_dir": "data/prepared/image", "val_fraction": 0.2, "test_fraction": 0.25},
+        "augment": {"hflip": 0.5, "rotation": 15, "autocontrast": 0.2},
+        "model": {"name": "cnn", "channels": [4, 8], "activation": "elu"},
+        "train": {
+            "out_dir": "models/image", "checkpoint": "checkpoints/image.pt",
+            "epochs": 3, "batch_size": 8, "device": "cpu",
+            "optimizer": {"name": "adam", "lr": 0.01},
+            "early_stopping": {"patience": None},
+        },
+        "evaluate": {"out_dir": "reports/image/evaluation", "metrics": "reports/image/metrics.json",
+                     "batch_size": 64},
+        "promote": {"registered_model": "image", "out": "reports/image/promotion.json"},
+    }
+
+
 def tiny_params(source: str = "data/raw/table.csv", label: str = "label", **overrides) -> dict:
-    """params.yaml content for one small, fast `tabular` pipeline; `overrides` are dotted keys."""
+    """params.yaml content for small, fast `tabular` and `image` pipelines; `overrides` are dotted keys."""
     params = {
         "demo": {"dir": "data/demo"},
         "tabular": {
@@ -76,6 +132,7 @@ def tiny_params(source: str = "data/raw/table.csv", label: str = "label", **over
                          "batch_size": 1024},
             "promote": {"registered_model": "tabular", "out": "reports/tabular/promotion.json"},
         },
+        "image": tiny_image_section(),
     }
     for dotted, value in overrides.items():
         node = params
@@ -116,8 +173,9 @@ def git(project: Path, *args: str) -> None:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A plain directory with a tiny CSV and params.yaml (no git, no DVC)."""
+    """A plain directory with a tiny CSV, a tiny image tree and params.yaml (no git, no DVC)."""
     make_csv(tmp_path / "data/raw/table.csv")
+    make_image_tree(tmp_path / "data/raw/images")
     write_params(tmp_path, tiny_params())
     return tmp_path
 
@@ -126,6 +184,7 @@ def project(tmp_path: Path) -> Path:
 def dvc_project(tmp_path: Path) -> Path:
     """A git + DVC project: the repo's dvc.yaml and source tree (DVC hashes it as stage deps)."""
     make_csv(tmp_path / "data/raw/table.csv")
+    make_image_tree(tmp_path / "data/raw/images")
     write_params(tmp_path, tiny_params())
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")

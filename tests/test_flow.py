@@ -22,22 +22,26 @@ WORSE = {"tabular.train.epochs": 1, "tabular.train.optimizer.lr": 1e-6}
 
 @pytest.mark.slow
 def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project):
-    from pipelines.retrain import pipeline_flow, retrain
+    """`make run`'s flow over every pipeline (tabular and image) in a git + DVC project."""
+    from prefect.client.orchestration import get_client
+
+    from pipelines.retrain import retrain
 
     write_params(dvc_project, tiny_params(**GOOD))
     git(dvc_project, "commit", "-qam", "good settings")
-    dvc(dvc_project, "repro", "demo_data")  # retrain() does this; pipeline_flow() alone does not
-    git(dvc_project, "add", "-A")
-    git(dvc_project, "commit", "-qm", "dvc.lock with the demo stage")  # the run will rewrite it
-    state = pipeline_flow("tabular", str(dvc_project / "params.yaml"), 0, return_state=True)
-    first = state.result()
-    assert first["promoted"] and first["version"] == 1
+    state = retrain(None, str(dvc_project / "params.yaml"), 0, return_state=True)
+    results = state.result()
+    assert set(results) == {"tabular", "image"}
+    for name, promotion in results.items():
+        assert promotion == json.loads((dvc_project / f"reports/{name}/promotion.json").read_text())
+        assert promotion["promoted"] and promotion["version"] == 1
 
     assert json.loads(dvc(dvc_project, "status", "--json").stdout) == {}
     assert "Running stage" not in dvc(dvc_project, "repro").stdout
 
     client = mlflow_client(dvc_project)
     assert int(client.get_model_version_by_alias("tabular", "champion").version) == 1
+    assert int(client.get_model_version_by_alias("image", "champion").version) == 1
     run_id = json.loads((dvc_project / "models/tabular/run.json").read_text())["run_id"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -46,15 +50,18 @@ def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dvc_project, capture_output=True, text=True).stdout
     assert run.data.tags["ratchet.git.commit"] == head.strip()
     assert run.data.tags["ratchet.git.dirty"] == "false"  # a rewritten dvc.lock is not a code change
-    assert run.data.tags["ratchet.prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    with get_client(sync_client=True) as prefect:  # the run names the Prefect flow run that trained it
+        flow_run = prefect.read_flow_run(run.data.tags["ratchet.prefect.flow_run_id"])
+        assert flow_run.name == "tabular"
+        parent = prefect.read_task_run(flow_run.parent_task_run_id)
+        assert parent.flow_run_id == state.state_details.flow_run_id
     lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())
     prepared_md5 = lock["stages"]["tabular_prepare"]["outs"][0]["md5"]
     assert run.data.tags["ratchet.dvc.data/prepared/tabular"] == prepared_md5
 
-    # A clearly worse setting: registered, re-scored against the champion, refused.
+    # A clearly worse setting through the same flow: registered, re-scored, refused.
     write_params(dvc_project, tiny_params(**WORSE))
     second = retrain(["tabular"], str(dvc_project / "params.yaml"), 0)["tabular"]
-    assert second == json.loads((dvc_project / "reports/tabular/promotion.json").read_text())
     assert not second["promoted"] and second["version"] == 2 and second["champion_after"] == 1
     tags = client.get_model_version("tabular", "2").tags
     assert tags["ratchet.promotion.promoted"] == "false"
@@ -90,4 +97,4 @@ def test_flow_retries_a_killed_training_which_resumes_its_run(dvc_project):
     assert client.get_run(run_id).info.status == "FINISHED"
     assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == set(range(1, 41))
     assert json.loads((dvc_project / "reports/tabular/promotion.json").read_text())["promoted"]
-    assert json.loads(dvc(dvc_project, "status", "--json").stdout) == {}
+    assert json.loads(dvc(dvc_project, "status", "--json", "tabular_promote").stdout) == {}

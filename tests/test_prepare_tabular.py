@@ -35,12 +35,12 @@ def test_split_is_deterministic_for_a_seed_and_changes_with_it(project):
     for name in first:
         np.testing.assert_array_equal(first[name], again[name])
     other = arrays(run_prepare(project, **{"tabular.seed": 8}))
-    assert not np.array_equal(first["test_rows"], other["test_rows"])
+    assert not np.array_equal(first["test_ids"], other["test_ids"])
 
 
 def test_splits_partition_the_rows_and_keep_class_proportions(project):
     prepared = run_prepare(project)
-    rows = {s: prepared.array(f"{s}_rows") for s in ("train", "val", "test")}
+    rows = {s: prepared.array(f"{s}_ids") for s in ("train", "val", "test")}
     everything = np.concatenate(list(rows.values()))
     assert len(everything) == len(set(everything.tolist())) == 300
     labels = pd.read_csv(project / "data/raw/table.csv")["label"]
@@ -54,7 +54,7 @@ def test_splits_partition_the_rows_and_keep_class_proportions(project):
 def test_statistics_come_from_the_training_split_only(project):
     prepared = run_prepare(project)
     raw = pd.read_csv(project / "data/raw/table.csv").drop(columns="label").to_numpy(np.float32)
-    train_raw = raw[prepared.array("train_rows")]
+    train_raw = raw[prepared.array("train_ids")]
     fill = np.nanmedian(train_raw, axis=0)
     filled = np.where(np.isnan(train_raw), fill, train_raw)
     np.testing.assert_allclose(prepared.meta["fill"], fill, rtol=1e-6)
@@ -68,7 +68,7 @@ def test_changing_val_and_test_rows_leaves_training_data_untouched(project):
     before = arrays(run_prepare(project))
     meta_before = json.loads((project / "data/prepared/tabular/meta.json").read_text())
     df = pd.read_csv(project / "data/raw/table.csv")
-    held_out = np.concatenate([before["val_rows"], before["test_rows"]])
+    held_out = np.concatenate([before["val_ids"], before["test_ids"]])
     df.loc[held_out, "f0"] = 1e6  # extreme values that would shift any statistic they leaked into
     df.loc[held_out, "f1"] = np.nan
     df.to_csv(project / "data/raw/table.csv", index=False)
@@ -161,14 +161,15 @@ def test_class_too_small_to_split(project):
     df = pd.read_csv(project / "data/raw/table.csv")
     df.loc[:1, "label"] = "rare"
     df.to_csv(project / "data/raw/table.csv", index=False)
-    with pytest.raises(RatchetError, match="class 'rare' has 2 row\\(s\\); a train/val/test split needs at least 3"):
+    with pytest.raises(RatchetError, match=r"class 'rare' has 2 sample\(s\); a split into train, test, val needs at least 3"):
         run_prepare(project)
 
 
 def test_real_demo_table_prepares(tmp_path):
     from ratchet.data.demo import write_demo
 
-    (csv,) = write_demo(tmp_path / "demo")  # scikit-learn's real breast-cancer table
+    write_demo(tmp_path / "demo")
+    csv = tmp_path / "demo/breast_cancer.csv"  # scikit-learn's real breast-cancer table
     run = run_prepare(tmp_path, **{"tabular.data.source": str(csv), "tabular.data.label": "diagnosis"})
     assert run.meta["classes"] == ["benign", "malignant"]
     assert sum(run.meta["rows"].values()) == 569

@@ -46,7 +46,7 @@ def test_cron_deployment_schedules_runs_and_serves_them(dvc_project, tmp_path):
                 return False
 
         wait_for(healthy, 90, "the Prefect server")
-        served = subprocess.Popen([sys.executable, "-m", "pipelines.deploy", "--cron", "0 3 * * 1"],
+        served = subprocess.Popen([sys.executable, "-m", "pipelines.deploy", "--cron", "0 3 * * 1", "tabular"],
                                   cwd=dvc_project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True)
         deployment = wait_for(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ratchet.data import tabular
+from ratchet.data import image, tabular
 
 # family -> prepare(pipeline config) -> meta dict
-PREPARERS: dict[str, Callable[..., dict]] = {"tabular": tabular.prepare}
+PREPARERS: dict[str, Callable[..., dict]] = {"tabular": tabular.prepare, "image": image.prepare}

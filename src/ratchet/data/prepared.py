@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,24 +42,54 @@ class Prepared:
         return self.array(f"{split}_x"), self.array(f"{split}_y")
 
 
-def write_prepared(out_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> dict:
-    """Write arrays and meta.json atomically; return meta with `data_hash` (sha256 of the arrays)."""
+class PreparedWriter:
+    """Arrays written one by one into a temporary directory (see `prepared_writer`)."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+
+    def save(self, name: str, array: np.ndarray) -> None:
+        np.save(self.tmp / f"{name}.npy", np.ascontiguousarray(array))
+
+    def allocate(self, name: str, shape: tuple[int, ...], dtype) -> np.memmap:
+        """A writable memory-mapped .npy to fill in place (for arrays larger than memory)."""
+        return np.lib.format.open_memmap(self.tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+    def finish(self, meta: dict) -> dict:
+        """Hash the arrays (streamed), write meta.json; return meta with `data_hash`."""
+        digest = hashlib.sha256()
+        for path in sorted(self.tmp.glob("*.npy")):
+            digest.update(path.stem.encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        meta = {**meta, "data_hash": digest.hexdigest()}
+        (self.tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        return meta
+
+
+@contextmanager
+def prepared_writer(out_dir: Path) -> Iterator[PreparedWriter]:
+    """Write a prepared directory beside `out_dir`, swap it in on success, remove it on failure."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        digest = hashlib.sha256()
-        for name in sorted(arrays):
-            path = tmp / f"{name}.npy"
-            np.save(path, np.ascontiguousarray(arrays[name]))
-            digest.update(name.encode())
-            digest.update(path.read_bytes())
-        meta = {**meta, "data_hash": digest.hexdigest()}
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        yield PreparedWriter(tmp)
+        if not (tmp / META).is_file():
+            raise RuntimeError("prepared_writer: finish() was not called")
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_prepared(out_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> dict:
+    """Write in-memory arrays and meta.json atomically; return meta with `data_hash`."""
+    with prepared_writer(out_dir) as writer:
+        for name, array in arrays.items():
+            writer.save(name, array)
+        meta = writer.finish(meta)
     return meta
 
 

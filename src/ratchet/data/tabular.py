@@ -16,6 +16,7 @@ import pandas as pd
 
 from ratchet.config import TabularPipeline
 from ratchet.data.prepared import write_prepared
+from ratchet.data.split import stratified_split
 from ratchet.errors import RatchetError
 
 SPLITS = ("train", "val", "test")
@@ -33,7 +34,9 @@ def prepare(cfg: TabularPipeline) -> dict:
     classes, y = encode_labels(labels)
     rows = features.index.to_numpy()  # 0-based data-row numbers in the CSV
     x_raw = features.to_numpy(dtype=np.float32)
-    parts = stratified_split(y, classes, cfg.prepare.val_fraction, cfg.prepare.test_fraction, cfg.seed, source)
+    parts = stratified_split(y, classes, {"test": cfg.prepare.test_fraction, "val": cfg.prepare.val_fraction},
+                             cfg.seed, source)
+    parts = {split: parts[split] for split in SPLITS}
 
     train_x = x_raw[parts["train"]]
     fill = _fill_values(train_x, cfg.prepare.impute, list(features.columns), source)
@@ -46,11 +49,13 @@ def prepare(cfg: TabularPipeline) -> dict:
     for split, idx in parts.items():
         arrays[f"{split}_x"] = transform(x_raw[idx], fill, mean, std)
         arrays[f"{split}_y"] = y[idx]
-        arrays[f"{split}_rows"] = rows[idx]
+        arrays[f"{split}_ids"] = rows[idx]
     arrays["test_x_raw"] = x_raw[parts["test"]]
     meta = {
         "family": "tabular",
         "task": "classification",
+        "id": "row",  # <split>_ids: 0-based data-row numbers of the CSV
+        "serving_input": "test_x_raw",  # what a registered model takes: raw features, NaN included
         "source": str(source),
         "label": cfg.data.label,
         "features": list(features.columns),
@@ -116,27 +121,6 @@ def encode_labels(labels: pd.Series) -> tuple[list[str], np.ndarray]:
         values = values.astype(np.int64)  # 0.0/1.0 read as floats are the classes "0"/"1"
     uniques, y = np.unique(values, return_inverse=True)
     return [str(u) for u in uniques], y.astype(np.int64)
-
-
-def stratified_split(
-    y: np.ndarray, classes: list[str], val: float, test: float, seed: int, source: Path
-) -> dict[str, np.ndarray]:
-    """Row indices per split, the same class proportions in each, fixed by `seed`."""
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    for c, name in enumerate(classes):
-        idx = np.flatnonzero(y == c)
-        if len(idx) < 3:
-            raise RatchetError(f"{source}: class '{name}' has {len(idx)} row(s); a train/val/test split needs at least 3")
-        rng.shuffle(idx)
-        n_test = max(1, round(len(idx) * test))
-        n_val = max(1, round(len(idx) * val))
-        if len(idx) - n_test - n_val < 1:
-            raise RatchetError(f"{source}: class '{name}' has too few rows ({len(idx)}) for the requested split")
-        parts["test"].append(idx[:n_test])
-        parts["val"].append(idx[n_test : n_test + n_val])
-        parts["train"].append(idx[n_test + n_val :])
-    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
 
 
 def _fill_values(train_x: np.ndarray, impute: str, columns: list[str], source: Path) -> np.ndarray:

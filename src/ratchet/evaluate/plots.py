@@ -47,3 +47,28 @@ def curves_png(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def image_grid_png(images, captions: list[str], path: Path, title: str, columns: int = 6) -> None:
+    """uint8 images (N, C, H, W) in a grid, each with its caption (e.g. actual -> predicted)."""
+    n = len(images)
+    if n == 0:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    else:
+        cols = min(columns, n)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows + 0.4), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, image, caption in zip(axes.flat, images, captions):
+            if image.shape[0] == 1:
+                ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.imshow(image.transpose(1, 2, 0))
+            ax.set_title(caption, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

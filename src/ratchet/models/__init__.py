@@ -7,17 +7,24 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ratchet.errors import RatchetError
+from ratchet.models.cnn import CNN, LeNet5
 from ratchet.models.mlp import MLP
 
 # name -> builder(model config, prepared meta) -> nn.Module producing one logit per class
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": lambda cfg, meta: MLP(math.prod(meta["input_shape"]), len(meta["classes"]), cfg),
+    "cnn": lambda cfg, meta: CNN(meta["input_shape"], len(meta["classes"]), cfg),
+    "lenet5": lambda cfg, meta: LeNet5(meta["input_shape"], len(meta["classes"]), cfg),
 }
 
 
 def build_model(cfg, meta: dict) -> nn.Module:
     """Build the network named by `cfg.name` for the data described by `meta`."""
-    return BUILDERS[cfg.name](cfg, meta)
+    try:
+        return BUILDERS[cfg.name](cfg, meta)
+    except ValueError as exc:
+        raise RatchetError(f"model.name {cfg.name}: {exc}") from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -34,11 +34,11 @@ class MLP(nn.Sequential):
 def init_linear(module: nn.Module, scheme: str, activation: str) -> None:
     """He (Kaiming) or Xavier init of every Linear/Conv weight, zero biases; 'default' keeps torch's.
 
-    Both are scaled for the activation (ELU uses ReLU's gain); leaky_relu uses slope 0.01.
+    Both are scaled for the activation (ELU uses ReLU's gain, tanh its own); leaky_relu uses slope 0.01.
     """
     if scheme == "default":
         return
-    nonlinearity, slope = ("leaky_relu", 0.01) if activation == "leaky_relu" else ("relu", 0.0)
+    nonlinearity, slope = {"leaky_relu": ("leaky_relu", 0.01), "tanh": ("tanh", 0.0)}.get(activation, ("relu", 0.0))
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             if scheme == "he":

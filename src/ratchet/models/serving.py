@@ -2,7 +2,8 @@
 
 The promotion gate re-scores the champion on the current test split. A champion trained on
 other preprocessing statistics must still see its own, so every registered model carries
-them: a tabular model takes raw feature rows (NaN allowed) and imputes and scales itself.
+them: a tabular model takes raw feature rows (NaN allowed) and imputes and scales itself; an
+image model takes uint8 images (N, C, H, W) at the prepared size and normalises them itself.
 """
 
 from __future__ import annotations
@@ -25,10 +26,24 @@ class TabularPreprocess(nn.Module):
         return (torch.where(torch.isnan(x), self.fill, x) - self.mean) / self.std
 
 
+class ImagePreprocess(nn.Module):
+    """uint8 pixels -> [0, 1] -> (x - mean) / std per channel, with the training statistics."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - self.mean) / self.std
+
+
 def serving_model(net: nn.Module, meta: dict) -> nn.Module:
     """Wrap a trained network with the preprocessing described in prepared `meta`."""
     if meta["family"] == "tabular":
         return nn.Sequential(TabularPreprocess(meta["fill"], meta["mean"], meta["std"]), net).eval()
+    if meta["family"] == "image":
+        return nn.Sequential(ImagePreprocess(meta["mean"], meta["std"]), net).eval()
     raise ValueError(f"no serving wrapper for family {meta['family']!r}")
 
 
@@ -36,6 +51,10 @@ def example_input(meta: dict) -> np.ndarray:
     """Two valid raw inputs (for the logged signature and input example)."""
     if meta["family"] == "tabular":
         return np.array([meta["mean"], meta["fill"]], dtype=np.float32)
+    if meta["family"] == "image":  # a black image and one of the training mean colour
+        mean = np.round(np.array(meta["mean"]) * 255).astype(np.uint8)
+        flat = np.broadcast_to(mean[:, None, None], meta["input_shape"])
+        return np.stack([np.zeros(meta["input_shape"], np.uint8), flat])
     raise ValueError(f"no example input for family {meta['family']!r}")
 
 
@@ -43,4 +62,7 @@ def input_description(meta: dict) -> str:
     """What the served model takes, compared before scoring a champion on this data."""
     if meta["family"] == "tabular":
         return "features: " + ", ".join(meta["features"])
+    if meta["family"] == "image":
+        c, h, w = meta["input_shape"]
+        return f"images: uint8 {c}x{h}x{w} ({meta['channels']}); classes: " + ", ".join(meta["classes"])
     raise ValueError(f"no input description for family {meta['family']!r}")

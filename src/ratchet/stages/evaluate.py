@@ -4,7 +4,8 @@ Shards the test split over `evaluate.nproc` processes without padding, so under 
 sample is counted exactly once and the metrics equal a single-process run. Writes
 `evaluate.metrics` (metrics.json, for `dvc metrics`) and `evaluate.out_dir`:
 classification_report.txt/.json, confusion_matrix.png, predictions.csv (for DVC's confusion
-template); logs the same into the training's MLflow run.
+template) and, for images, misclassified.png (a grid of wrongly classified test images);
+logs the same into the training's MLflow run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from ratchet.config import Params, PipelineConfig
 from ratchet.data.prepared import Prepared, load_prepared, replace_dir
 from ratchet.errors import RatchetError
 from ratchet.evaluate.metrics import test_metrics
-from ratchet.evaluate.plots import confusion_matrix_png
+from ratchet.data.transforms import batch_transforms
+from ratchet.evaluate.plots import confusion_matrix_png, image_grid_png
 from ratchet.evaluate.report import metrics_dict, report_text
 from ratchet.models import build_model
 from ratchet.stages.train import MODEL_FILE
@@ -64,9 +66,8 @@ def load_trained(cfg: PipelineConfig, meta: dict, device: torch.device) -> torch
 def _evaluate(cfg: PipelineConfig, prepared: Prepared, dist: DistInfo) -> tuple[dict, list[tuple[int, int]]]:
     meta = prepared.meta
     net = load_trained(cfg, meta, dist.device)
-    x, y = prepared.split("test")
-    loader = BatchLoader([torch.from_numpy(x.copy()), torch.from_numpy(y.copy())], cfg.evaluate.batch_size,
-                         dist, train=False)
+    _, transform = batch_transforms(cfg, meta, dist.device)
+    loader = BatchLoader(prepared.split("test"), cfg.evaluate.batch_size, dist, train=False, transform=transform)
     metrics = test_metrics(len(meta["classes"]), dist.device)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     total = torch.zeros(2, device=dist.device)
@@ -92,14 +93,16 @@ def _write_outputs(params: Params, name: str, cfg: PipelineConfig, meta: dict, m
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "classification_report.txt").write_text(report_text(metrics))
         (tmp / "classification_report.json").write_text(json.dumps(metrics["per_class"], indent=2) + "\n")
-        rows = prepared.array("test_rows")
+        ids = prepared.array("test_ids")
         with open(tmp / "predictions.csv", "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["row", "actual", "predicted"])
+            writer.writerow([meta["id"], "actual", "predicted"])
             y = prepared.array("test_y")
-            writer.writerows((int(rows[i]), classes[int(y[i])], classes[p]) for i, p in predictions)
+            writer.writerows((ids[i].item(), classes[int(y[i])], classes[p]) for i, p in predictions)
         confusion = _confusion(predictions, prepared.array("test_y"), len(classes))
         confusion_matrix_png(confusion, classes, tmp / "confusion_matrix.png", f"{name}: test confusion matrix")
+        if meta["family"] == "image":
+            _misclassified_png(name, prepared, predictions, classes, tmp / "misclassified.png")
         use_tracking(params.root)
         with training_run(name, params.root, run_id=run_id):
             mlflow.log_metrics(numeric(metrics, "test_"))
@@ -112,6 +115,17 @@ def _write_outputs(params: Params, name: str, cfg: PipelineConfig, meta: dict, m
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _misclassified_png(name: str, prepared: Prepared, predictions: list[tuple[int, int]], classes: list[str],
+                       path: Path, limit: int = 30) -> None:
+    y = prepared.array("test_y")
+    wrong = [(i, p) for i, p in predictions if p != int(y[i])]
+    shown = wrong[:limit]
+    images = prepared.array("test_x")[[i for i, _ in shown]] if shown else []
+    captions = [f"{classes[int(y[i])]}\n-> {classes[p]}" for i, p in shown]
+    more = f", first {len(shown)} shown" if len(wrong) > len(shown) else ""
+    image_grid_png(images, captions, path, f"{name}: {len(wrong)} misclassified test images (actual -> predicted){more}")
 
 
 def _confusion(predictions: list[tuple[int, int]], y, num_classes: int) -> list[list[int]]:

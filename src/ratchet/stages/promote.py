@@ -29,7 +29,7 @@ def run(params: Params, name: str) -> dict:
     prepared = load_prepared(cfg.prepare.out_dir)
     run_info = read_run_file(cfg.train.out_dir)
     meta, registered = prepared.meta, cfg.promote.registered_model
-    x, y = prepared.array("test_x_raw"), prepared.array("test_y")
+    x, y = prepared.array(meta["serving_input"]), prepared.array("test_y")
     use_tracking(params.root)
     client = MlflowClient()
 
@@ -67,7 +67,8 @@ def score_model(model_uri: str, x: np.ndarray, y: np.ndarray, num_classes: int, 
     """`metric` of the registered model at `model_uri` on raw inputs `x` with labels `y`."""
     model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     metrics = test_metrics(num_classes, torch.device("cpu"))
-    inputs, targets = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y))
-    for start in range(0, len(inputs), 4096):
-        metrics.update(model(inputs[start : start + 4096]), targets[start : start + 4096])
+    step = max(1, (64 << 20) // max(1, x[:1].nbytes))  # about 64 MB of inputs at a time, read from the memmap
+    for start in range(0, len(x), step):
+        inputs = torch.from_numpy(np.array(x[start : start + step]))
+        metrics.update(model(inputs), torch.from_numpy(np.array(y[start : start + step])))
     return float(metrics.compute()[metric])

@@ -34,9 +34,11 @@ from mlflow.models import infer_signature
 
 from ratchet.config import Params, PipelineConfig, config_hash
 from ratchet.data.prepared import Prepared, load_prepared, replace_dir
+from ratchet.data.transforms import augmentation_preview, batch_transforms
 from ratchet.evaluate.metrics import validation_metrics
 from ratchet.evaluate.plots import curves_png
 from ratchet.models import build_model, count_parameters
+from ratchet.models.finetune import freeze, load_initial_weights
 from ratchet.models.serving import example_input, input_description, serving_model
 from ratchet.tracking.registry import FEATURES_TAG, champion_version, check_comparable, register
 from ratchet.tracking.lineage import lineage_tags
@@ -68,15 +70,19 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
     meta = prepared.meta
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     net = build_model(cfg.model, meta)
+    fresh = load_initial_weights(net, cfg.train.init_from, cfg.model.name, params.root) if cfg.train.init_from else []
+    frozen = freeze(net, cfg.train.freeze)
     if dist.distributed and cfg.train.sync_batchnorm:
         net = sync_batchnorm(net, dist.device)
     net.to(dist.device)
     optimizer = build_optimizer(cfg.train.optimizer, net)
     mode = "min" if cfg.train.monitor.endswith("loss") else "max"
     scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs, mode)
-    train_loader = BatchLoader(_tensors(prepared, "train"), cfg.train.batch_size // dist.world_size, dist,
-                               train=True, seed=cfg.seed)
-    val_loader = BatchLoader(_tensors(prepared, "val"), cfg.evaluate.batch_size, dist, train=False)
+    train_transform, eval_transform = batch_transforms(cfg, meta, dist.device)
+    train_loader = BatchLoader(prepared.split("train"), cfg.train.batch_size // dist.world_size, dist,
+                               train=True, seed=cfg.seed, transform=train_transform)
+    val_loader = BatchLoader(prepared.split("val"), cfg.evaluate.batch_size, dist, train=False,
+                             transform=eval_transform)
     chash = config_hash(cfg.model, cfg.train.model_dump(mode="json", exclude={"out_dir", "checkpoint"}),
                         cfg.seed, meta["data_hash"])
     state = _resumable(cfg.train.checkpoint, chash, dist)
@@ -93,7 +99,13 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
         run_id = active.info.run_id if active else None
         if active and state is None:
             mlflow.log_params({**flatten(cfg.model_dump(mode="json")), "parameters": count_parameters(net),
-                               "world_size": dist.world_size})
+                               "parameters_frozen": frozen, "world_size": dist.world_size})
+            if cfg.train.init_from:
+                mlflow.set_tag("ratchet.init_from", cfg.train.init_from)
+                print(f"initialised from {cfg.train.init_from}; fresh: {', '.join(fresh) or 'none'}; "
+                      f"{frozen} parameters frozen")
+            if meta["family"] == "image":
+                _log_augmentation_preview(cfg, prepared)
         trainer = Trainer(
             net, optimizer, scheduler, torch.nn.CrossEntropyLoss(), train_loader, val_loader,
             validation_metrics(len(meta["classes"]), dist.device), dist, cfg.train,
@@ -127,9 +139,16 @@ def _check_registry(params: Params, cfg: PipelineConfig, meta: dict) -> None:
         check_comparable(champion, input_description(meta), cfg.promote.registered_model)
 
 
-def _tensors(prepared: Prepared, split: str) -> list[torch.Tensor]:
-    x, y = prepared.split(split)
-    return [torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y))]
+def _log_augmentation_preview(cfg: PipelineConfig, prepared: Prepared) -> None:
+    """A PNG grid in MLflow: 8 training images as stored, then three augmented draws of each."""
+    from torchvision.utils import save_image
+
+    x = prepared.array("train_x")
+    images = torch.from_numpy(np.array(x[np.linspace(0, len(x) - 1, min(8, len(x))).astype(int)]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "augmented_samples.png"
+        save_image(augmentation_preview(images, cfg.augment, cfg.seed), path)
+        mlflow.log_artifact(str(path), "plots")
 
 
 def _resumable(path: Path, chash: str, dist: DistInfo) -> dict | None:

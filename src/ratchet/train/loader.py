@@ -1,8 +1,13 @@
-"""Batches gathered from whole tensors by index: one indexing op per batch.
+"""Batches gathered from whole arrays by index: one indexing op per batch.
 
 The course's DataLoader calls `__getitem__` once per sample and collates the rows, which
-costs far more than a small model's forward pass. Here the data is a few tensors already in
-memory (on the device when there is room), and a batch is `tensor[indices]`.
+costs far more than a small model's forward pass. Here a batch is `tensor[indices]`.
+
+Arrays that fit the preload budget (a quarter of the machine's memory, shared by the local
+processes) are loaded once, onto the training device; larger ones stay memory-mapped and each
+batch is read from disk by a background thread while the previous one trains. Either way the
+batches are the same. An optional `transform` (augmentation, normalisation) is applied to the
+first array's batch on the device.
 
 Training order comes from torch's `DistributedSampler` (shuffled by seed, `set_epoch` every
 epoch, padded so every process runs the same number of steps). Evaluation shards without
@@ -11,7 +16,9 @@ padding (`range(rank, n, world_size)`), so each sample is counted exactly once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -20,22 +27,42 @@ from torch.utils.data import DistributedSampler
 from ratchet.train.distributed import DistInfo
 
 
+def default_preload_bytes(local_processes: int = 1) -> int:
+    """A quarter of physical memory, split between the processes of this machine."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return total // 4 // max(1, local_processes)
+
+
 class BatchLoader:
     def __init__(
         self,
-        tensors: Sequence[torch.Tensor],
+        arrays: Sequence[np.ndarray | torch.Tensor],
         batch_size: int,
         dist: DistInfo,
         *,
         train: bool,
         seed: int = 0,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        preload_bytes: int | None = None,
     ):
         """`batch_size` is per process; `train` selects shuffled+padded vs in-order+unpadded."""
-        self.tensors = [t.to(dist.device) for t in tensors]
-        self.n = len(self.tensors[0])
+        budget = default_preload_bytes(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if preload_bytes is None \
+            else preload_bytes
+        size = sum(a.nbytes if isinstance(a, np.ndarray) else a.element_size() * a.nelement() for a in arrays)
+        self.streaming = size > budget
+        if self.streaming:
+            self.arrays = [a.numpy() if isinstance(a, torch.Tensor) else a for a in arrays]
+            self.tensors = None
+        else:
+            self.tensors = [_tensor(a).to(dist.device) for a in arrays]
+        self.n = len(arrays[0])
         self.batch_size = batch_size
         self.dist = dist
         self.train = train
+        self.transform = transform
         self.sampler = (
             DistributedSampler(range(self.n), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
             if train
@@ -45,6 +72,8 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
+        if hasattr(self.transform, "set_epoch"):
+            self.transform.set_epoch(epoch, self.dist.rank)
 
     def indices(self) -> torch.Tensor:
         """This process's sample indices for the current epoch, in batch order."""
@@ -62,7 +91,39 @@ class BatchLoader:
 
     def iter_with_indices(self) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         """Like iteration, but also yields each batch's sample indices (for per-sample outputs)."""
+        batches = self._stream() if self.streaming else self._gather()
+        for idx, tensors in batches:
+            if self.transform is not None:
+                tensors = (self.transform(tensors[0]), *tensors[1:])
+            yield idx, tensors
+
+    def _gather(self) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         idx = self.indices().to(self.dist.device)
         for start in range(0, len(idx), self.batch_size):
             batch = idx[start : start + self.batch_size]
             yield batch, tuple(t.index_select(0, batch) for t in self.tensors)
+
+    def _stream(self) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
+        """Read batches from the memory-mapped arrays, one batch ahead on a background thread."""
+        idx = self.indices()
+        starts = range(0, len(idx), self.batch_size)
+        pin = self.dist.device.type == "cuda"
+
+        def read(start: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            batch = idx[start : start + self.batch_size]
+            rows = batch.numpy()
+            tensors = [torch.from_numpy(np.ascontiguousarray(a[rows])) for a in self.arrays]
+            return batch, [t.pin_memory() if pin else t for t in tensors]
+
+        with ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(read, starts[0]) if len(starts) else None
+            for i in range(len(starts)):
+                batch, tensors = pending.result()
+                if i + 1 < len(starts):
+                    pending = reader.submit(read, starts[i + 1])
+                device = self.dist.device
+                yield batch.to(device), tuple(t.to(device, non_blocking=pin) for t in tensors)
+
+
+def _tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.array(array))

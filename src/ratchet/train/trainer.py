@@ -79,6 +79,8 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> float:
         """One pass over this process's shard; the mean training loss over all processes."""
         self.model.train()
+        for name in self.cfg.freeze:  # frozen layers keep their BatchNorm statistics too
+            self.module.get_submodule(name).eval()
         self.train_loader.set_epoch(epoch)
         # A batch bar only once an epoch has run for a while: short epochs stay one log line each.
         batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",

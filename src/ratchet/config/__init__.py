@@ -1,0 +1,118 @@
+"""Typed, validated view of params.yaml; `load_params()` is the only reader of the raw YAML.
+
+params.yaml holds one section per pipeline (its `family` picks the schema below) plus the
+`demo` section. Every path is written once, relative to the directory of params.yaml, and
+resolved to an absolute path here. A bad value fails with one line naming the file and the
+dotted key, e.g. `params.yaml: tabular.train.optimizer.lr: must be greater than 0 (got -1)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ratchet.config.base import (  # noqa: F401  (re-exported: the sections every family shares)
+    DemoConfig, EarlyStoppingConfig, EvaluateConfig, OptimizerConfig, PromoteConfig, SchedulerConfig,
+    Section, TrainConfig,
+)
+from ratchet.config.image import AugmentConfig, ImageData, ImagePipeline, ImagePrepare  # noqa: F401
+from ratchet.config.models import CNNConfig, LeNetConfig, MLPConfig  # noqa: F401
+from ratchet.config.tabular import TabularData, TabularPipeline, TabularPrepare  # noqa: F401
+from ratchet.errors import RatchetError
+
+FAMILIES: dict[str, type[Section]] = {"tabular": TabularPipeline, "image": ImagePipeline}
+PipelineConfig = TabularPipeline | ImagePipeline
+
+
+class Params(BaseModel):
+    """The whole of params.yaml, validated."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    file: Path
+    demo: DemoConfig
+    pipelines: dict[str, PipelineConfig]
+
+    @property
+    def root(self) -> Path:
+        return self.file.parent
+
+    def pipeline(self, name: str) -> PipelineConfig:
+        if name not in self.pipelines:
+            known = ", ".join(self.pipelines) or "none"
+            raise RatchetError(f"{self.file.name}: no pipeline '{name}' (pipelines: {known})")
+        return self.pipelines[name]
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise RatchetError naming the file and key on bad input."""
+    file = Path(path).resolve()
+    if not file.is_file():
+        raise RatchetError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RatchetError(f"{file.name}:{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise RatchetError(f"{file.name}: expected a mapping of sections at the top level")
+
+    context = {"root": file.parent}
+    demo = _validate(DemoConfig, raw.get("demo", {}), "demo", file, context)
+    pipelines = {}
+    for name, section in raw.items():
+        if name == "demo":
+            continue
+        family = section.get("family") if isinstance(section, dict) else None
+        if family not in FAMILIES:
+            what = f"unknown family '{family}'" if family else "not a pipeline (it has no 'family' key)"
+            raise RatchetError(f"{file.name}: {name}: {what}; families: {', '.join(FAMILIES)}")
+        pipelines[name] = _validate(FAMILIES[family], section, name, file, context)
+    return Params(file=file, demo=demo, pipelines=pipelines)
+
+
+def _validate(model: type[BaseModel], raw: object, prefix: str, file: Path, context: dict) -> BaseModel:
+    try:
+        return model.model_validate(raw, context=context)
+    except ValidationError as exc:
+        raise RatchetError(f"{file.name}: {_describe(exc, prefix, raw)}") from None
+
+
+def _describe(exc: ValidationError, prefix: str, raw: object) -> str:
+    """The first error as `dotted.key: message (got value)`, with a count of any others."""
+    err = exc.errors()[0]
+    key = ".".join([prefix, *(str(p) for p in _written_path(err["loc"], raw))])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        text = f"{key}: unknown key"
+    elif kind == "missing":
+        text = f"{key}: required key is missing"
+    else:
+        message = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+        got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+        text = f"{key}: {message}{got}"
+    more = len(exc.errors()) - 1
+    return text + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
+
+
+def _written_path(loc: tuple, raw: object) -> list:
+    """`loc` as written in the YAML: without the tag pydantic inserts for a section chosen by its
+    `name` (a model section's error is `model.channels`, not `model.cnn.channels`)."""
+    path, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part not in node and node.get("name") == part:
+            continue
+        path.append(part)
+        node = node.get(part) if isinstance(node, dict) else node[part] if (
+            isinstance(node, list) and isinstance(part, int) and part < len(node)) else None
+    return path
+
+
+def config_hash(*sections: BaseModel | dict | str | int) -> str:
+    """A short, stable hash of config sections (and other values), for matching checkpoints."""
+    payload = [s.model_dump(mode="json") if isinstance(s, BaseModel) else s for s in sections]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

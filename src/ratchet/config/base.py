@@ -1,0 +1,98 @@
+"""Sections every family shares: paths, training, evaluation, promotion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    root = (info.context or {}).get("root")
+    return path if path.is_absolute() or root is None else (Path(root) / path).resolve()
+
+
+ProjectPath = Annotated[Path, AfterValidator(_resolve)]
+"""A path in params.yaml: relative ones are taken from the directory holding params.yaml."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are immutable after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoConfig(Section):
+    dir: ProjectPath = Field(Path("data/demo"), description="where `ratchet demo-data` writes the built-in datasets")
+
+
+class OptimizerConfig(Section):
+    name: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad"] = Field("adam", description="torch.optim algorithm")
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty (decoupled for adamw)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum for sgd and rmsprop; ignored by the others")
+
+
+class SchedulerConfig(Section):
+    name: Literal["none", "step", "plateau", "cosine"] = Field("none", description="learning-rate schedule")
+    step_size: int = Field(10, ge=1, description="step: epochs between decays")
+    gamma: float = Field(0.1, gt=0, le=1, description="step: factor applied every step_size epochs")
+    factor: float = Field(0.5, gt=0, lt=1, description="plateau: factor applied when the monitor stalls")
+    patience: int = Field(2, ge=0, description="plateau: epochs without improvement before a decay")
+    min_lr: float = Field(0.0, ge=0, description="plateau and cosine: lower bound of the learning rate")
+
+
+class EarlyStoppingConfig(Section):
+    patience: int | None = Field(5, ge=1, description="epochs without improvement before stopping; null: off")
+    min_delta: float = Field(0.0, ge=0, description="smallest change of the monitor that counts as improvement")
+
+
+Monitor = Literal["val_loss", "val_accuracy", "val_f1_macro"]
+
+
+class TrainConfig(Section):
+    out_dir: ProjectPath = Field(description="best model (model.pt), per-epoch history.csv, run.json")
+    checkpoint: ProjectPath = Field(description="resume checkpoint; exists only while a training is unfinished")
+    epochs: int = Field(20, ge=1, description="maximum number of epochs")
+    batch_size: int = Field(64, ge=1, description="global batch size, split evenly over the processes")
+    nproc: int = Field(1, ge=1, description="processes (devices) per node; 1 runs without torchrun")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    monitor: Monitor = Field("val_loss", description="validation metric for early stopping, plateau and best model")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm; null: no clipping")
+    amp: bool = Field(True, description="mixed precision (bf16 autocast) on CUDA; ignored on CPU")
+    sync_batchnorm: bool = Field(True, description="BatchNorm statistics over the global batch when nproc > 1")
+    init_from: str | None = Field(
+        None, description="fine-tune: start from models:/<name>@<alias>, models:/<name>/<version> or a model.pt"
+    )
+    freeze: list[str] = Field([], description="fine-tune: module names whose parameters stay fixed, e.g. [features]")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        if self.batch_size % self.nproc:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by nproc {self.nproc}")
+        return self
+
+
+class EvaluateConfig(Section):
+    out_dir: ProjectPath = Field(description="classification report, confusion matrix, predictions.csv")
+    metrics: ProjectPath = Field(description="metrics.json for `dvc metrics` (kept in git, outside out_dir)")
+    nproc: int = Field(1, ge=1, description="processes for evaluation; each test sample is counted once")
+    batch_size: int = Field(1024, ge=1, description="samples per forward pass")
+
+
+ClassificationMetric = Literal[
+    "accuracy", "f1_macro", "f1_micro", "f1_weighted",
+    "precision_macro", "precision_weighted", "recall_macro", "recall_weighted",
+]
+
+
+class PromoteConfig(Section):
+    registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow registry name")
+    metric: ClassificationMetric = Field("f1_macro", description="test metric the gate compares")
+    direction: Literal["maximize", "minimize"] = Field("maximize", description="which way is better")
+    min_delta: float = Field(0.0, ge=0, description="the new model must beat the champion by more than this")
+    out: ProjectPath = Field(description="promotion.json: the decision and its reason")

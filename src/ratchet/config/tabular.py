@@ -1,0 +1,42 @@
+"""The tabular family: a CSV with one label column."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig
+from ratchet.config.models import MLPConfig
+
+
+class TabularData(Section):
+    source: ProjectPath = Field(description="CSV file, one row per sample, a header row")
+    label: str = Field(min_length=1, description="name of the label column (numbers or strings)")
+    exclude: list[str] = Field([], description="columns to ignore, e.g. an id column")
+
+
+class TabularPrepare(Section):
+    out_dir: ProjectPath = Field(description="directory of the prepared arrays and meta.json")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of rows for validation")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of rows for the test split")
+    impute: Literal["median", "mean", "drop"] = Field(
+        "median", description="missing values: fill with the train-split median or mean, or drop those rows"
+    )
+
+
+class TabularPipeline(Section):
+    family: Literal["tabular"]
+    seed: int = Field(42, description="seeds the split, the weight init, dropout and the batch order")
+    data: TabularData
+    prepare: TabularPrepare
+    model: MLPConfig = MLPConfig()
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    promote: PromoteConfig
+
+    @model_validator(mode="after")
+    def _fractions(self) -> TabularPipeline:
+        if self.prepare.val_fraction + self.prepare.test_fraction >= 0.8:
+            raise ValueError("prepare.val_fraction + prepare.test_fraction must leave at least 20% for training")
+        return self

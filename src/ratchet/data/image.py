@@ -1,0 +1,203 @@
+"""Image family: ImageFolder trees (`<root>/<class>/<image>`) become uint8 arrays, decoded once.
+
+Each image is decoded with Pillow once, converted to the configured channels, resized to the
+configured size and written into a memory-mapped `(N, C, H, W)` uint8 array, so training never
+touches a JPEG again and a dataset larger than RAM still works (nothing holds it all in memory).
+Class names are the sorted folder names (Unicode-normalised to NFC, spaces and non-ASCII kept);
+the test tree, when there is one, must use the training tree's classes.
+
+Splits: with `data.test`, validation is split off the training tree (stratified, by seed) and
+the test tree is the test split; without it one tree is split three ways. Per-channel mean and
+std (pixel units / 255) come from the training split only; the trainer normalises batches with
+them, and the registered model carries them, so it takes raw uint8 images.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ratchet.config import ImagePipeline
+from ratchet.data.prepared import prepared_writer
+from ratchet.data.split import stratified_split
+from ratchet.errors import RatchetError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+MODES = {"rgb": "RGB", "grayscale": "L"}
+CHUNK = 4096  # images per block when copying and computing statistics (bounded memory)
+
+
+def prepare(cfg: ImagePipeline) -> dict:
+    """Scan, decode once, split and write the prepared arrays; return meta.json's content."""
+    data = cfg.data
+    train_dir = data.root / data.train
+    classes, train_files = scan_tree(train_dir)
+    test_files: list[tuple[Path, int]] = []
+    if data.test is not None:
+        test_classes, found = scan_tree(data.root / data.test)
+        unknown = sorted(set(test_classes) - set(classes))
+        if unknown:
+            raise RatchetError(f"{data.root / data.test}: class folder '{unknown[0]}' is not a class of the "
+                               f"training tree {train_dir} (classes: {', '.join(classes)})")
+        index = {name: i for i, name in enumerate(classes)}
+        test_files = [(path, index[test_classes[c]]) for path, c in found]
+
+    files = train_files + test_files
+    channels, (height, width) = len(MODES[data.channels]), data.size
+    with prepared_writer(cfg.prepare.out_dir) as writer:
+        decoded = np.lib.format.open_memmap(writer.tmp / "decoded.tmp", mode="w+", dtype=np.uint8,
+                                            shape=(len(files), channels, height, width))
+        ok = decode_all([p for p, _ in files], decoded, MODES[data.channels], (width, height), data.on_bad_image,
+                        data.root)
+        labels = np.array([c for _, c in files], dtype=np.int64)
+        paths = np.array([_relative(p, data.root) for p, _ in files])
+        n_train = len(train_files)
+        if data.test is None:
+            held_out = {"test": cfg.prepare.test_fraction, "val": cfg.prepare.val_fraction}
+            pool = np.flatnonzero(ok)
+        else:
+            held_out = {"val": cfg.prepare.val_fraction}
+            pool = np.flatnonzero(ok[:n_train])
+        _check_classes(labels[pool], classes, train_dir, "training" if data.test is not None else "")
+        parts = {split: pool[idx] for split, idx in stratified_split(labels[pool], classes, held_out, cfg.seed,
+                                                                       train_dir).items()}
+        if data.test is not None:
+            parts["test"] = n_train + np.flatnonzero(ok[n_train:])
+            if not len(parts["test"]):
+                raise RatchetError(f"{data.root / data.test}: no decodable test images")
+
+        parts = {split: parts[split] for split in ("train", "val", "test")}
+        for split, idx in parts.items():
+            out = writer.allocate(f"{split}_x", (len(idx), channels, height, width), np.uint8)
+            for start in range(0, len(idx), CHUNK):
+                out[start : start + CHUNK] = decoded[idx[start : start + CHUNK]]
+            out.flush()
+            del out
+            writer.save(f"{split}_y", labels[idx])
+            writer.save(f"{split}_ids", paths[idx])
+        mean, std = channel_stats(decoded, parts["train"])
+        del decoded
+        (writer.tmp / "decoded.tmp").unlink()
+        skipped = paths[~ok].tolist()
+        meta = writer.finish({
+            "family": "image",
+            "task": "classification",
+            "id": "file",  # <split>_ids: image paths relative to data.root
+            "serving_input": "test_x",  # what a registered model takes: uint8 images, N x C x H x W
+            "channels": data.channels,
+            "size": [height, width],
+            "input_shape": [channels, height, width],
+            "classes": classes,
+            "rows": {split: int(len(idx)) for split, idx in parts.items()},
+            "class_counts": {s: np.bincount(labels[i], minlength=len(classes)).tolist() for s, i in parts.items()},
+            "mean": mean,
+            "std": std,
+            "skipped": skipped,
+            "seed": cfg.seed,
+        })
+    if skipped:
+        print(f"skipped {len(skipped)} image(s) that do not decode (listed in meta.json 'skipped')")
+    return meta
+
+
+def scan_tree(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted folder names) and (image path, class index) pairs, sorted by path."""
+    if not root.is_dir():
+        raise RatchetError(f"{root}: image folder not found" if not root.exists() else f"{root}: not a folder")
+    folders = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                     key=lambda d: _nfc(d.name))
+    names = [_nfc(d.name) for d in folders]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise RatchetError(f"{root}: two class folders are both named '{dup}' (after Unicode normalisation)")
+    if len(folders) < 2:
+        found = f"one class folder ('{names[0]}')" if names else "no class folders"
+        raise RatchetError(f"{root}: {found}; an ImageFolder tree needs at least two: {root}/<class>/<image>")
+    files: list[tuple[Path, int]] = []
+    for c, folder in enumerate(folders):
+        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
+                        and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        if not images:
+            raise RatchetError(f"{folder}: class folder has no images ({', '.join(EXTENSIONS)})")
+        files += [(p, c) for p in images]
+    return names, files
+
+
+def decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """One image as a (C, H, W) uint8 array: converted to `mode`, resized to `size` (W, H), bilinear."""
+    with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette-with-transparency notices: converting is the point
+            image = image.convert(mode)
+        array = np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def decode_all(paths: list[Path], out: np.ndarray, mode: str, size: tuple[int, int], on_bad: str,
+               root: Path) -> np.ndarray:
+    """Decode `paths` into `out` in parallel (Pillow releases the GIL); return which decoded."""
+    ok = np.ones(len(paths), dtype=bool)
+
+    def work(i: int) -> None:
+        try:
+            out[i] = decode(paths[i], mode, size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            if on_bad == "fail":
+                raise RatchetError(f"{paths[i]}: not a decodable image ({_reason(exc)}); "
+                                   "fix or remove it, or set data.on_bad_image: skip") from None
+            ok[i] = False
+            tqdm.write(f"warning: skipping {_relative(paths[i], root)}: not a decodable image ({_reason(exc)})")
+
+    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+    try:
+        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc="decoding images", unit="img",
+                      mininterval=1, delay=2):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on the first failure, decode nothing more
+    return ok
+
+
+def channel_stats(images: np.ndarray, idx: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images[idx] in [0, 1] units, accumulated in blocks."""
+    channels = images.shape[1]
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for start in range(0, len(idx), CHUNK):
+        block = images[idx[start : start + CHUNK]].astype(np.float64) / 255.0
+        total += block.sum(axis=(0, 2, 3))
+        squares += (block**2).sum(axis=(0, 2, 3))
+        count += block.shape[0] * block.shape[2] * block.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    std[std < 1e-6] = 1.0  # a constant channel normalises to zeros, not NaN
+    return mean.tolist(), std.tolist()
+
+
+def _check_classes(labels: np.ndarray, classes: list[str], tree: Path, which: str) -> None:
+    counts = np.bincount(labels, minlength=len(classes))
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        raise RatchetError(f"{tree / classes[empty[0]]}: no decodable {which + ' ' if which else ''}images left "
+                           "in this class")
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return _nfc(str(path.relative_to(root)))
+    except ValueError:
+        return _nfc(str(path))
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
