@@ -291,3 +291,26 @@ def test_demo_digits_tree_prepares_to_32x32_greyscale(tmp_path):
                                 "image.data.size": [32, 32]})
     assert meta["classes"] == [str(d) for d in range(10)]
     assert sum(meta["rows"].values()) == 1797 and meta["input_shape"] == [1, 32, 32]
+
+
+@pytest.mark.parametrize("activation", ["elu", "relu", "leaky_relu"])
+def test_cnn_pooling_before_the_activation_is_the_course_cnn_exactly(activation):
+    """The `cnn` pools before its activation (cheaper); the course's order, activation then pool,
+    gives the same outputs and the same gradients with the same weights."""
+    from torch import nn
+
+    from ratchet.config import CNNConfig
+    from ratchet.models.cnn import ACTIVATIONS, CNN
+
+    torch.manual_seed(0)
+    net = CNN([3, 16, 16], 5, CNNConfig(name="cnn", channels=[4, 8], activation=activation))
+    act = ACTIVATIONS[activation]
+    course = nn.Sequential(net.features[0], act(), nn.MaxPool2d(2), net.features[3], act(), nn.MaxPool2d(2),
+                           nn.Flatten(), net.classifier)
+    assert isinstance(net.features[1], nn.MaxPool2d)  # pool first in ours
+    x = torch.randn(6, 3, 16, 16)
+    ours, theirs = net(x), course(x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    grad_ours = torch.autograd.grad(ours.sum(), net.features[0].weight)[0]
+    grad_theirs = torch.autograd.grad(theirs.sum(), net.features[0].weight)[0]
+    torch.testing.assert_close(grad_ours, grad_theirs)

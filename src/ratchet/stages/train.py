@@ -34,7 +34,7 @@ from mlflow.models import infer_signature
 
 from ratchet.config import Params, PipelineConfig, config_hash
 from ratchet.data.prepared import Prepared, load_prepared, replace_dir
-from ratchet.data.transforms import augmentation_preview, batch_transforms
+from ratchet.data.transforms import augmentation_preview, batch_transforms, memory_format
 from ratchet.evaluate.metrics import validation_metrics
 from ratchet.evaluate.plots import curves_png
 from ratchet.models import build_model, count_parameters
@@ -74,7 +74,7 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
     frozen = freeze(net, cfg.train.freeze)
     if dist.distributed and cfg.train.sync_batchnorm:
         net = sync_batchnorm(net, dist.device)
-    net.to(dist.device)
+    net.to(dist.device, memory_format=memory_format(meta))
     optimizer = build_optimizer(cfg.train.optimizer, net)
     mode = "min" if cfg.train.monitor.endswith("loss") else "max"
     scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs, mode)

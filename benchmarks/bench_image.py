@@ -1,0 +1,194 @@
+"""Image benchmarks, side by side in one run (ratios: these machines are noisy).
+
+    .venv/bin/python benchmarks/bench_image.py --root ../shared/data/clouds/clouds_train
+
+1. Epoch time on the clouds training tree: Ratchet's trainer (images decoded once by the
+   prepare stage into uint8 arrays; per-batch augmentation on tensors) against the course's
+   plain loop (torchvision ImageFolder decoding every JPEG every epoch, PIL transforms per
+   image: RandomHorizontalFlip, RandomRotation(45), RandomAutocontrast, ToTensor,
+   Resize(64x64); DataLoader; the course's CNN as written there, Adam, the same batch size and
+   augmentation). Ratchet's `cnn` computes the same function (it pools before the activation,
+   which commutes with max-pooling, and runs channels-last).
+   Rounds alternate between the two; medians are reported. The one-off prepare (decode) time is
+   reported beside it.
+2. The same training step on one fixed batch already on the device (`--device cuda` on a GPU):
+   an upper bound for the pipeline, and the ratio of the pipeline's images/s to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from ratchet.config import AugmentConfig, CNNConfig, TrainConfig, load_params
+from ratchet.data.prepared import load_prepared
+from ratchet.data.transforms import BatchAugment, Compose, Normalize, ToUnitFloat, memory_format
+from ratchet.evaluate.metrics import validation_metrics
+from ratchet.models.cnn import CNN
+from ratchet.stages import prepare
+from ratchet.train.distributed import DistInfo
+from ratchet.train.loader import BatchLoader
+from ratchet.train.optim import build_optimizer
+from ratchet.train.trainer import Trainer
+
+MODEL = CNNConfig(name="cnn", channels=[32, 64], activation="elu", init="default")  # the course's cloud net
+AUGMENT = AugmentConfig(hflip=0.5, rotation=45, autocontrast=0.5)  # the course's three random transforms
+SIZE = 64
+
+
+class CourseNet(nn.Module):
+    """The course's cloud classifier, as written there: conv-ELU-maxpool twice, then Linear."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.feature_extractor = nn.Sequential(
+            nn.Conv2d(3, 32, kernel_size=3, padding=1), nn.ELU(), nn.MaxPool2d(kernel_size=2),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1), nn.ELU(), nn.MaxPool2d(kernel_size=2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(64 * (SIZE // 4) * (SIZE // 4), num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.feature_extractor(x))
+
+
+def course_loop(root: Path, batch_size: int, epochs: int, device: torch.device) -> list[float]:
+    """The course's training loop, as written there; seconds per epoch."""
+    train_transforms = transforms.Compose([
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomRotation(45),
+        transforms.RandomAutocontrast(),
+        transforms.ToTensor(),
+        transforms.Resize((SIZE, SIZE)),
+    ])
+    dataset = datasets.ImageFolder(str(root), transform=train_transforms)
+    loader = DataLoader(dataset, shuffle=True, batch_size=batch_size)
+    torch.manual_seed(0)
+    net = CourseNet(len(dataset.classes)).to(device)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.001)
+    times = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        net.train()
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            outputs = net(images)
+            loss = criterion(outputs, labels)
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def ratchet_trainer(prepared, batch_size: int, dist: DistInfo) -> Trainer:
+    meta = prepared.meta
+    torch.manual_seed(0)
+    net = CNN(meta["input_shape"], len(meta["classes"]), MODEL).to(dist.device, memory_format=memory_format(meta))
+    cfg = TrainConfig(out_dir="unused", checkpoint="unused", epochs=1, batch_size=batch_size, device=dist.device.type,
+                      amp=False)
+    normalize = Normalize(meta["mean"], meta["std"])
+    augment = Compose(ToUnitFloat(), BatchAugment(AUGMENT, 0, dist.device), normalize)
+    x, y = prepared.split("train")
+    loader = BatchLoader([np.concatenate([x, prepared.array("val_x")]), np.concatenate([y, prepared.array("val_y")])],
+                         batch_size, dist, train=True, seed=0, transform=augment)
+    val = BatchLoader(prepared.split("val"), 512, dist, train=False, transform=Compose(ToUnitFloat(), normalize))
+    return Trainer(net, build_optimizer(cfg.optimizer, net), None, nn.CrossEntropyLoss(), loader, val,
+                   validation_metrics(len(meta["classes"]), dist.device), dist, cfg)
+
+
+def ratchet_epochs(trainer: Trainer, epochs: int) -> list[float]:
+    times = []
+    for epoch in range(epochs):
+        started = time.perf_counter()
+        trainer._run_epoch(epoch)  # a training epoch, no validation: like for like with the course loop
+        if trainer.dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def prepare_clouds(root: Path, work: Path) -> tuple[object, float]:
+    """Run the real prepare stage on the tree (all images used for training: val fraction tiny)."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    section = params["image"]
+    section["data"] = {"root": str(root), "channels": "rgb", "size": [SIZE, SIZE]}
+    section["prepare"] = {"out_dir": str(work / "prepared"), "val_fraction": 0.02, "test_fraction": 0.02}
+    section["model"] = {"name": "cnn"}
+    (work / "params.yaml").write_text(yaml.safe_dump({"image": section}))
+    started = time.perf_counter()
+    prepare.run(load_params(work / "params.yaml"), "image")
+    return load_prepared(work / "prepared"), time.perf_counter() - started
+
+
+def step_ceiling(trainer: Trainer, batch_size: int, steps: int) -> float:
+    """Images/s of the same training step on one fixed, already augmented and normalised batch
+    resident on the device: what the pipeline would reach if data cost nothing."""
+    sync = torch.cuda.synchronize if trainer.dist.device.type == "cuda" else (lambda: None)
+    trainer.module.train()
+    inputs, targets = next(iter(trainer.train_loader))
+    for _ in range(5):
+        trainer._run_batch(inputs, targets)
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer._run_batch(inputs, targets)
+    sync()
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("../shared/data/clouds/clouds_train"))
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dist = DistInfo(0, 0, 1, device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, prepare_seconds = prepare_clouds(args.root.resolve(), Path(tmp))
+        n = sum(prepared.meta["rows"].values()) - prepared.meta["rows"]["test"]
+        print(f"prepare (decode {n + prepared.meta['rows']['test']} images once, resize to {SIZE}x{SIZE}): "
+              f"{prepare_seconds:.2f} s")
+        trainer = ratchet_trainer(prepared, args.batch_size, dist)
+        course_loop(args.root, args.batch_size, 1, device)  # warm-up: file cache, kernels
+        ratchet_epochs(trainer, 1)
+        course, ours = [], []
+        for r in range(args.rounds):
+            course += course_loop(args.root, args.batch_size, args.epochs, device)
+            ours += ratchet_epochs(trainer, args.epochs)
+            print(f"round {r + 1}: course {statistics.median(course):.3f} s/epoch, "
+                  f"ratchet {statistics.median(ours):.3f} s/epoch")
+        c, o = statistics.median(course), statistics.median(ours)
+        total = len(datasets.ImageFolder(str(args.root)))
+        print(f"\nclouds train tree, batch {args.batch_size}, course CNN at {SIZE}x{SIZE}, "
+              f"augmentation flip+rotate(45)+autocontrast")
+        print(f"{'':<26}{'images':>8}{'s/epoch':>10}{'images/s':>12}")
+        print(f"{'course loop (ImageFolder)':<26}{total:>8}{c:>10.3f}{total / c:>12.0f}")
+        print(f"{'ratchet trainer':<26}{n:>8}{o:>10.3f}{n / o:>12.0f}")
+        print(f"ratio (images/s, ratchet / course): {(n / o) / (total / c):.2f}x")
+        ceiling = step_ceiling(trainer, args.batch_size, 200 if device.type == "cuda" else 60)
+        print(f"training step alone on a fixed {device.type}-resident batch: {ceiling:.0f} images/s; "
+              f"pipeline / step-alone: {n / o / ceiling:.2f}")
+
+
+if __name__ == "__main__":
+    main()
