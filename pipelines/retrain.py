@@ -91,7 +91,8 @@ def summary(results: dict, params_file: str) -> str:
             f"{promo['reason']}",
             f"  champion      models:/{promo['registered_model']}@champion (v{promo['champion_after']})",
             f"  metrics       {rel(cfg.evaluate.metrics)}   (dvc metrics show)",
-            f"  report        {rel(cfg.evaluate.out_dir)}/classification_report.txt, confusion_matrix.png",
+            f"  report        {rel(cfg.evaluate.out_dir)}/classification_report.txt, confusion_matrix.png"
+            + (", misclassified.png" if (cfg.evaluate.out_dir / "misclassified.png").exists() else ""),
             f"  model         {rel(cfg.train.out_dir)}/model.pt, per-epoch history.csv (dvc plots show)",
             f"  MLflow run    {run['run_id']} in experiment '{run['experiment']}': make ui -> http://127.0.0.1:5000",
         ]
