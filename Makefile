@@ -23,12 +23,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: setup
 	$(PY) -m pipelines.retrain
 
-## test: the whole suite (slow tests included)
+## test: the whole suite (slow tests included), one test file per core (most tests wait on
+## process start-up, DVC and Prefect: two workers finish in about two thirds of the time)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 ## ui: MLflow UI on http://127.0.0.1:5000 over the local tracking database
 ui: setup
@@ -42,6 +43,8 @@ dag: setup
 
 bench: setup
 	$(PY) benchmarks/bench_tabular.py --csv ../shared/data/water_potability.csv
+	$(PY) benchmarks/bench_image.py --root ../shared/data/clouds/clouds_train
+	$(PY) benchmarks/bench_sequence.py --csv ../shared/data/electricity_consumption/electricity_train.csv
 
 ## lock: re-resolve the tested dependency set after editing pyproject.toml
 lock:

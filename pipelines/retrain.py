@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 
 from ratchet.config import load_params
 from ratchet.errors import RatchetError
+from ratchet.evaluate import summary_line
 from ratchet.tracking.lineage import FLOW_RUN_ENV
 
 STEPS = ("prepare", "train", "evaluate", "promote")
@@ -85,14 +86,16 @@ def summary(results: dict, params_file: str) -> str:
         cfg = params.pipeline(name)
         metrics = json.loads(cfg.evaluate.metrics.read_text())
         run = json.loads((cfg.train.out_dir / "run.json").read_text())
+        report = ("forecast_report.txt, forecast.png" if "rmse" in metrics
+                  else "classification_report.txt, confusion_matrix.png"
+                  + (", misclassified.png" if (cfg.evaluate.out_dir / "misclassified.png").exists() else ""))
         lines += [
-            f"{name}: test accuracy {metrics['accuracy']:.4f}, f1_macro {metrics['f1_macro']:.4f}; "
+            f"{name}: test {summary_line(metrics)}; "
             f"{promo['registered_model']} v{promo['version']} {'promoted' if promo['promoted'] else 'not promoted'}: "
             f"{promo['reason']}",
             f"  champion      models:/{promo['registered_model']}@champion (v{promo['champion_after']})",
             f"  metrics       {rel(cfg.evaluate.metrics)}   (dvc metrics show)",
-            f"  report        {rel(cfg.evaluate.out_dir)}/classification_report.txt, confusion_matrix.png"
-            + (", misclassified.png" if (cfg.evaluate.out_dir / "misclassified.png").exists() else ""),
+            f"  report        {rel(cfg.evaluate.out_dir)}/{report}",
             f"  model         {rel(cfg.train.out_dir)}/model.pt, per-epoch history.csv (dvc plots show)",
             f"  MLflow run    {run['run_id']} in experiment '{run['experiment']}': make ui -> http://127.0.0.1:5000",
         ]

@@ -112,8 +112,48 @@ def tiny_image_section(root: str = "data/raw/images", **data) -> dict:
     }
 
 
+def make_series(path: Path, steps: int = 480, seed: int = 0, freq: str = "h") -> Path:
+    """A learnable hourly series: `value` with a daily cycle, a weekly one and AR(1) noise, and
+    a covariate `temp` it responds to."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps)
+    temp = 10 + 5 * np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.5, steps)
+    noise = np.zeros(steps)
+    for i in range(1, steps):
+        noise[i] = 0.7 * noise[i - 1] + rng.normal(0, 1)
+    value = 50 + 10 * np.sin(2 * np.pi * (t - 6) / 24) + 4 * (t // 24 % 7 >= 5) + 0.5 * temp + noise
+    frame = pd.DataFrame({"timestamp": pd.date_range("2024-03-01", periods=steps, freq=freq),
+                          "value": value.round(3), "temp": temp.round(3)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def tiny_sequence_section(source: str = "data/raw/series.csv", **data) -> dict:
+    """A small, fast `sequence` pipeline section (GRU over a day of hourly steps)."""
+    return {
+        "family": "sequence",
+        "seed": 7,
+        "data": {"source": source, "target": "value", "features": ["value", "temp"], **data},
+        "prepare": {"out_dir": "data/prepared/sequence", "val_fraction": 0.2, "test_fraction": 0.2},
+        "window": {"input": 24, "horizon": 3, "stride": 1},
+        "model": {"name": "gru", "hidden": 8},
+        "train": {
+            "out_dir": "models/sequence", "checkpoint": "checkpoints/sequence.pt",
+            "epochs": 3, "batch_size": 32, "device": "cpu",
+            "optimizer": {"name": "adam", "lr": 0.01},
+            "early_stopping": {"patience": None},
+        },
+        "evaluate": {"out_dir": "reports/sequence/evaluation", "metrics": "reports/sequence/metrics.json",
+                     "batch_size": 64, "seasonal_period": 24, "plot_steps": 48},
+        "promote": {"registered_model": "sequence", "metric": "rmse", "direction": "minimize",
+                    "out": "reports/sequence/promotion.json"},
+    }
+
+
 def tiny_params(source: str = "data/raw/table.csv", label: str = "label", **overrides) -> dict:
-    """params.yaml content for small, fast `tabular` and `image` pipelines; `overrides` are dotted keys."""
+    """params.yaml content for small, fast `tabular`, `image` and `sequence` pipelines; `overrides`
+    are dotted keys."""
     params = {
         "demo": {"dir": "data/demo"},
         "tabular": {
@@ -133,6 +173,7 @@ def tiny_params(source: str = "data/raw/table.csv", label: str = "label", **over
             "promote": {"registered_model": "tabular", "out": "reports/tabular/promotion.json"},
         },
         "image": tiny_image_section(),
+        "sequence": tiny_sequence_section(),
     }
     for dotted, value in overrides.items():
         node = params
@@ -173,9 +214,10 @@ def git(project: Path, *args: str) -> None:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A plain directory with a tiny CSV, a tiny image tree and params.yaml (no git, no DVC)."""
+    """A plain directory with a tiny CSV, image tree, series and params.yaml (no git, no DVC)."""
     make_csv(tmp_path / "data/raw/table.csv")
     make_image_tree(tmp_path / "data/raw/images")
+    make_series(tmp_path / "data/raw/series.csv")
     write_params(tmp_path, tiny_params())
     return tmp_path
 
@@ -185,6 +227,7 @@ def dvc_project(tmp_path: Path) -> Path:
     """A git + DVC project: the repo's dvc.yaml and source tree (DVC hashes it as stage deps)."""
     make_csv(tmp_path / "data/raw/table.csv")
     make_image_tree(tmp_path / "data/raw/images")
+    make_series(tmp_path / "data/raw/series.csv")
     write_params(tmp_path, tiny_params())
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")

@@ -81,7 +81,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 def test_unknown_pipeline_lists_the_known_ones(tmp_path):
     write_params(tmp_path, tiny_params())
-    with pytest.raises(RatchetError, match=r"no pipeline 'images' \(pipelines: tabular, image\)"):
+    with pytest.raises(RatchetError, match=r"no pipeline 'images' \(pipelines: tabular, image, sequence\)"):
         load_params(tmp_path / "params.yaml").pipeline("images")
 
 

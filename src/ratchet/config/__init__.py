@@ -17,15 +17,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ratchet.config.base import (  # noqa: F401  (re-exported: the sections every family shares)
     DemoConfig, EarlyStoppingConfig, EvaluateConfig, OptimizerConfig, PromoteConfig, SchedulerConfig,
-    Section, TrainConfig,
+    Section, TrainConfig, monitor_mode,
 )
 from ratchet.config.image import AugmentConfig, ImageData, ImagePipeline, ImagePrepare  # noqa: F401
-from ratchet.config.models import CNNConfig, LeNetConfig, MLPConfig  # noqa: F401
+from ratchet.config.models import CNNConfig, LeNetConfig, MLPConfig, RNNConfig  # noqa: F401
+from ratchet.config.sequence import SequenceData, SequencePipeline, SequencePrepare, WindowConfig  # noqa: F401
 from ratchet.config.tabular import TabularData, TabularPipeline, TabularPrepare  # noqa: F401
 from ratchet.errors import RatchetError
 
-FAMILIES: dict[str, type[Section]] = {"tabular": TabularPipeline, "image": ImagePipeline}
-PipelineConfig = TabularPipeline | ImagePipeline
+FAMILIES: dict[str, type[Section]] = {"tabular": TabularPipeline, "image": ImagePipeline, "sequence": SequencePipeline}
+PipelineConfig = TabularPipeline | ImagePipeline | SequencePipeline
 
 
 class Params(BaseModel):

@@ -48,7 +48,14 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0, description="smallest change of the monitor that counts as improvement")
 
 
-Monitor = Literal["val_loss", "val_accuracy", "val_f1_macro"]
+Monitor = Literal["val_loss", "val_accuracy", "val_f1_macro", "val_mae", "val_rmse"]
+HIGHER_IS_BETTER = {"val_accuracy", "val_f1_macro", "accuracy", "f1_macro", "f1_micro", "f1_weighted",
+                    "precision_macro", "precision_weighted", "recall_macro", "recall_weighted"}
+
+
+def monitor_mode(monitor: str) -> str:
+    """'max' for a metric where higher is better, 'min' for losses and errors."""
+    return "max" if monitor in HIGHER_IS_BETTER else "min"
 
 
 class TrainConfig(Section):
@@ -88,11 +95,27 @@ ClassificationMetric = Literal[
     "accuracy", "f1_macro", "f1_micro", "f1_weighted",
     "precision_macro", "precision_weighted", "recall_macro", "recall_weighted",
 ]
+ForecastMetric = Literal["mse", "mae", "rmse"]
 
 
 class PromoteConfig(Section):
     registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow registry name")
-    metric: ClassificationMetric = Field("f1_macro", description="test metric the gate compares")
+    metric: ClassificationMetric | ForecastMetric = Field("f1_macro", description="test metric the gate compares")
     direction: Literal["maximize", "minimize"] = Field("maximize", description="which way is better")
     min_delta: float = Field(0.0, ge=0, description="the new model must beat the champion by more than this")
     out: ProjectPath = Field(description="promotion.json: the decision and its reason")
+
+
+def check_task(train: TrainConfig, promote: PromoteConfig, task: str) -> None:
+    """Refuse a monitor or promotion metric another kind of model computes, and a direction
+    that would promote the worse model."""
+    forecast = {"val_mae", "val_rmse", "mse", "mae", "rmse"}
+    if (train.monitor in forecast) != (task == "forecast") and train.monitor != "val_loss":
+        raise ValueError(f"train.monitor {train.monitor} is not computed for {task} models")
+    if (promote.metric in forecast) != (task == "forecast"):
+        choices = "mse, mae or rmse" if task == "forecast" else "accuracy, f1_macro, ..."
+        raise ValueError(f"promote.metric {promote.metric} is not computed for {task} models; use {choices}")
+    wanted = "maximize" if promote.metric in HIGHER_IS_BETTER else "minimize"
+    if promote.direction != wanted:
+        raise ValueError(f"promote.direction: {promote.metric} is {'higher' if wanted == 'maximize' else 'lower'}"
+                         f"-is-better; set {wanted}")

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig
+from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig, check_task
 from ratchet.config.models import ImageModelConfig
 
 
@@ -61,3 +61,8 @@ class ImagePipeline(Section):
     train: TrainConfig
     evaluate: EvaluateConfig
     promote: PromoteConfig
+
+    @model_validator(mode="after")
+    def _task(self) -> ImagePipeline:
+        check_task(self.train, self.promote, "classification")
+        return self

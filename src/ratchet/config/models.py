@@ -43,3 +43,17 @@ class LeNetConfig(Section):
 
 
 ImageModelConfig = Annotated[CNNConfig | LeNetConfig | MLPConfig, Field(discriminator="name")]
+
+
+class RNNConfig(Section):
+    """A recurrent forecaster: stacked RNN / LSTM / GRU over the input window, then a linear head
+    from the last hidden state to every step of the horizon."""
+
+    name: Literal["rnn", "lstm", "gru"]
+    hidden: int = Field(64, ge=1, description="hidden units per layer (and direction)")
+    layers: int = Field(1, ge=1, le=16, description="stacked recurrent layers")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout between recurrent layers (needs layers > 1)")
+    bidirectional: bool = Field(False, description="also read the window backwards")
+
+
+SequenceModelConfig = Annotated[RNNConfig, Field(discriminator="name")]

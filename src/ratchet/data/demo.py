@@ -4,6 +4,12 @@
   features, label `diagnosis`: malignant / benign).
 - digits/<digit>/<n>.png: scikit-learn's handwritten digits (1797 real 8x8 greyscale scans
   from UCI, 16 grey levels scaled to 0-255) as an ImageFolder tree, one folder per digit.
+- load.csv: a **synthetic** hourly electricity-load series (120 days, columns `timestamp`,
+  `load`, `temperature`), generated with a fixed seed: a daily profile with morning and evening
+  peaks, lower weekends, a response to temperature and autocorrelated noise. No installed
+  package ships a real series that suits forecasting demos: the ones there are (matplotlib's
+  sample stock prices) are short random walks, which the naive last-value forecast already
+  predicts as well as any model can.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_breast_cancer, load_digits
 
@@ -28,6 +35,7 @@ def write_demo(out_dir: Path) -> list[Path]:
     table["diagnosis"] = [str(bunch.target_names[t]) for t in bunch.target]
     table.to_csv(tmp / "breast_cancer.csv", index=False, float_format="%.6g")
     write_digits(tmp / "digits")
+    write_load_series(tmp / "load.csv")
     replace_dir(tmp, out_dir)
     return sorted(out_dir.iterdir())
 
@@ -39,3 +47,21 @@ def write_digits(root: Path) -> None:
         folder = root / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image, mode="L").save(folder / f"{n:04d}.png")
+
+
+def write_load_series(path: Path, days: int = 120, seed: int = 7) -> None:
+    """The synthetic hourly load series described in the module doc."""
+    rng = np.random.default_rng(seed)
+    hours = days * 24
+    t = np.arange(hours)
+    hour, day = t % 24, t // 24
+    weekend = (day + 0) % 7 >= 5  # 2024-01-01 is a Monday
+    temperature = (8 + 6 * np.sin(2 * np.pi * (day - 20) / 365) + 4 * np.sin(2 * np.pi * (hour - 9) / 24)
+                   + np.cumsum(rng.normal(0, 0.3, hours)) * 0.2)
+    profile = 20 * np.exp(-((hour - 8) ** 2) / 6) + 28 * np.exp(-((hour - 19) ** 2) / 8) - 8 * ((hour < 5) | (hour > 22))
+    noise = np.zeros(hours)
+    for i in range(1, hours):  # AR(1): errors persist for a few hours
+        noise[i] = 0.8 * noise[i - 1] + rng.normal(0, 2.0)
+    load = (100 + np.where(weekend, 0.75, 1.0) * profile - 1.5 * (temperature - 8) + noise).round(2)
+    stamps = pd.date_range("2024-01-01", periods=hours, freq="h").strftime("%Y-%m-%d %H:%M:%S")
+    pd.DataFrame({"timestamp": stamps, "load": load, "temperature": temperature.round(2)}).to_csv(path, index=False)

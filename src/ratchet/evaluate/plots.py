@@ -1,4 +1,4 @@
-"""PNG plots for MLflow: confusion matrix with class names, per-epoch curves."""
+"""PNG plots for MLflow: confusion matrix with class names, per-epoch curves, image grids, forecasts."""
 
 from __future__ import annotations
 
@@ -69,6 +69,24 @@ def image_grid_png(images, captions: list[str], path: Path, title: str, columns:
                 ax.imshow(image.transpose(1, 2, 0))
             ax.set_title(caption, fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def forecast_png(header: list[str], rows: list[list], path: Path, title: str) -> None:
+    """Actual values and forecasts over time: `rows` are [timestamp, actual, forecast...]."""
+    import pandas as pd
+
+    times = pd.to_datetime([r[0] for r in rows])
+    fig, ax = plt.subplots(figsize=(12, 4))
+    for j, label in enumerate(header[1:], start=1):
+        ax.plot(times, [r[j] for r in rows], label=label, linewidth=1.6 if j <= 2 else 0.9,
+                linestyle="-" if j <= 2 else "--", color="black" if j == 1 else None)
+    ax.set_xlabel(header[0])
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.autofmt_xdate()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -10,12 +10,16 @@ from torch import nn
 from ratchet.errors import RatchetError
 from ratchet.models.cnn import CNN, LeNet5
 from ratchet.models.mlp import MLP
+from ratchet.models.rnn import Forecaster
 
-# name -> builder(model config, prepared meta) -> nn.Module producing one logit per class
+# name -> builder(model config, prepared meta) -> nn.Module: one logit per class, or one value per
+# forecast step
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": lambda cfg, meta: MLP(math.prod(meta["input_shape"]), len(meta["classes"]), cfg),
     "cnn": lambda cfg, meta: CNN(meta["input_shape"], len(meta["classes"]), cfg),
     "lenet5": lambda cfg, meta: LeNet5(meta["input_shape"], len(meta["classes"]), cfg),
+    **{cell: lambda cfg, meta: Forecaster(meta["input_shape"][1], meta["window"]["horizon"], cfg)
+       for cell in ("rnn", "lstm", "gru")},
 }
 
 

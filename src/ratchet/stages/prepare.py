@@ -14,5 +14,10 @@ def run(params: Params, name: str) -> dict:
     cfg = params.pipeline(name)
     meta = PREPARERS[cfg.family](cfg)
     rows = ", ".join(f"{split} {n}" for split, n in meta["rows"].items())
-    print(f"prepared {name}: {rows} rows, {len(meta['classes'])} classes -> {cfg.prepare.out_dir}")
+    if "classes" in meta:
+        what = f"{len(meta['classes'])} classes"
+    else:
+        what = (f"{', '.join(f'{s} {n}' for s, n in meta['windows'].items())} windows of "
+                f"{meta['window']['input']} -> {meta['window']['horizon']} steps every {meta['frequency']}")
+    print(f"prepared {name}: {rows} rows, {what} -> {cfg.prepare.out_dir}")
     return meta

@@ -15,10 +15,12 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
 from ratchet.config import Params
 from ratchet.data.prepared import load_prepared, write_json
-from ratchet.evaluate.metrics import test_metrics
+from ratchet.data import samples
+from ratchet.evaluate.metrics import task, test_metrics
 from ratchet.models.serving import input_description
 from ratchet.tracking.registry import Decision, champion_version, check_comparable, decide, record
 from ratchet.tracking.runs import read_run_file, use_tracking
@@ -29,7 +31,8 @@ def run(params: Params, name: str) -> dict:
     prepared = load_prepared(cfg.prepare.out_dir)
     run_info = read_run_file(cfg.train.out_dir)
     meta, registered = prepared.meta, cfg.promote.registered_model
-    x, y = prepared.array(meta["serving_input"]), prepared.array("test_y")
+    x, y = samples(prepared, "test", raw=True) if task(meta) == "forecast" else \
+        (prepared.array(meta["serving_input"]), prepared.array("test_y"))
     use_tracking(params.root)
     client = MlflowClient()
 
@@ -37,7 +40,7 @@ def run(params: Params, name: str) -> dict:
     if champion is not None:
         check_comparable(champion, input_description(meta), registered)
     version = client.get_model_version(registered, str(run_info["version"]))
-    metric, classes = cfg.promote.metric, len(meta["classes"])
+    metric, classes = cfg.promote.metric, len(meta.get("classes", []))
     score = score_model(f"models:/{registered}/{version.version}", x, y, classes, metric)
     if champion is not None and champion.version == version.version:
         decision = Decision(True, f"v{version.version} is already @champion", metric, score, version.version, score)
@@ -63,12 +66,22 @@ def run(params: Params, name: str) -> dict:
 
 
 @torch.no_grad()
-def score_model(model_uri: str, x: np.ndarray, y: np.ndarray, num_classes: int, metric: str) -> float:
-    """`metric` of the registered model at `model_uri` on raw inputs `x` with labels `y`."""
+def score_model(model_uri: str, x, y, num_classes: int, metric: str) -> float:
+    """`metric` of the registered model at `model_uri` on raw inputs `x` with labels `y` (class
+    indices; with `num_classes` 0, forecast targets and an error metric: mse, mae or rmse)."""
     model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    metrics = test_metrics(num_classes, torch.device("cpu"))
+    if num_classes:
+        metrics = test_metrics(num_classes, torch.device("cpu"))
+    else:
+        metrics = MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError(),
+                                    "rmse": MeanSquaredError(squared=False)})
+        metrics.set_dtype(torch.float64)
     step = max(1, (64 << 20) // max(1, x[:1].nbytes))  # about 64 MB of inputs at a time, read from the memmap
     for start in range(0, len(x), step):
-        inputs = torch.from_numpy(np.array(x[start : start + step]))
-        metrics.update(model(inputs), torch.from_numpy(np.array(y[start : start + step])))
+        inputs = torch.as_tensor(np.array(x[start : start + step]))  # a writable copy of the chunk
+        target = torch.as_tensor(np.array(y[start : start + step]))
+        output = model(inputs)
+        if not num_classes:  # errors summed in float64, as the evaluate stage does
+            output, target = output.double(), target.double()
+        metrics.update(output, target)
     return float(metrics.compute()[metric])

@@ -24,6 +24,7 @@ import json
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -32,10 +33,11 @@ import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
-from ratchet.config import Params, PipelineConfig, config_hash
+from ratchet.config import Params, PipelineConfig, config_hash, monitor_mode
+from ratchet.data import samples
 from ratchet.data.prepared import Prepared, load_prepared, replace_dir
 from ratchet.data.transforms import augmentation_preview, batch_transforms, memory_format
-from ratchet.evaluate.metrics import validation_metrics
+from ratchet.evaluate.metrics import objective
 from ratchet.evaluate.plots import curves_png
 from ratchet.models import build_model, count_parameters
 from ratchet.models.finetune import freeze, load_initial_weights
@@ -76,12 +78,12 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
         net = sync_batchnorm(net, dist.device)
     net.to(dist.device, memory_format=memory_format(meta))
     optimizer = build_optimizer(cfg.train.optimizer, net)
-    mode = "min" if cfg.train.monitor.endswith("loss") else "max"
+    mode = monitor_mode(cfg.train.monitor)
     scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs, mode)
     train_transform, eval_transform = batch_transforms(cfg, meta, dist.device)
-    train_loader = BatchLoader(prepared.split("train"), cfg.train.batch_size // dist.world_size, dist,
+    train_loader = BatchLoader(samples(prepared, "train"), cfg.train.batch_size // dist.world_size, dist,
                                train=True, seed=cfg.seed, transform=train_transform)
-    val_loader = BatchLoader(prepared.split("val"), cfg.evaluate.batch_size, dist, train=False,
+    val_loader = BatchLoader(samples(prepared, "val"), cfg.evaluate.batch_size, dist, train=False,
                              transform=eval_transform)
     chash = config_hash(cfg.model, cfg.train.model_dump(mode="json", exclude={"out_dir", "checkpoint"}),
                         cfg.seed, meta["data_hash"])
@@ -106,9 +108,9 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
                       f"{frozen} parameters frozen")
             if meta["family"] == "image":
                 _log_augmentation_preview(cfg, prepared)
+        loss_fn, val_metrics = objective(meta, dist.device)
         trainer = Trainer(
-            net, optimizer, scheduler, torch.nn.CrossEntropyLoss(), train_loader, val_loader,
-            validation_metrics(len(meta["classes"]), dist.device), dist, cfg.train,
+            net, optimizer, scheduler, loss_fn, train_loader, val_loader, val_metrics, dist, cfg.train,
             checkpoint_path=cfg.train.checkpoint,
             checkpoint_extra={"config_hash": chash, "config": cfg.model_dump(mode="json"), "run_id": run_id},
             on_epoch_end=lambda record: mlflow.log_metrics(numeric(record), step=record["epoch"]),
@@ -188,11 +190,13 @@ def _write_outputs(cfg: PipelineConfig, name: str, net: torch.nn.Module, meta: d
         mlflow.log_artifact(str(tmp / "curves.png"), "plots")
         served = serving_model(plain, meta)
         example = example_input(meta)
-        info = mlflow.pytorch.log_model(
-            served, name="model", input_example=example,
-            signature=infer_signature(example, served(torch.from_numpy(example)).detach().numpy()),
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+        with warnings.catch_warnings():  # torch.export's note on RNN weight attributes: harmless here
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+            info = mlflow.pytorch.log_model(
+                served, name="model", input_example=example,
+                signature=infer_signature(example, served(torch.from_numpy(example)).detach().numpy()),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
         version = register(MlflowClient(), cfg.promote.registered_model, info.model_uri, run_id, {
             FEATURES_TAG: input_description(meta), "ratchet.pipeline": name, "ratchet.data.hash": meta["data_hash"],
         })

@@ -3,7 +3,8 @@
 The course's DataLoader calls `__getitem__` once per sample and collates the rows, which
 costs far more than a small model's forward pass. Here a batch is `tensor[indices]`.
 
-Arrays that fit the preload budget (a quarter of the machine's memory, shared by the local
+The arrays may also be windows over a series (ratchet.data.windows): views that are gathered
+the same way, a batch at a time. Arrays that fit the preload budget (a quarter of the machine's memory, shared by the local
 processes) are loaded once, onto the training device; larger ones stay memory-mapped and each
 batch is read from disk by a background thread while the previous one trains. Either way the
 batches are the same. An optional `transform` (augmentation, normalisation) is applied to the
@@ -51,7 +52,7 @@ class BatchLoader:
         """`batch_size` is per process; `train` selects shuffled+padded vs in-order+unpadded."""
         budget = default_preload_bytes(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if preload_bytes is None \
             else preload_bytes
-        size = sum(a.nbytes if isinstance(a, np.ndarray) else a.element_size() * a.nelement() for a in arrays)
+        size = sum(a.element_size() * a.nelement() if isinstance(a, torch.Tensor) else a.nbytes for a in arrays)
         self.streaming = size > budget
         if self.streaming:
             self.arrays = [a.numpy() if isinstance(a, torch.Tensor) else a for a in arrays]
@@ -112,7 +113,8 @@ class BatchLoader:
         def read(start: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
             batch = idx[start : start + self.batch_size]
             rows = batch.numpy()
-            tensors = [torch.from_numpy(np.ascontiguousarray(a[rows])) for a in self.arrays]
+            tensors = [torch.from_numpy(np.ascontiguousarray(a[rows])) if isinstance(a, np.ndarray) else a[rows]
+                       for a in self.arrays]
             return batch, [t.pin_memory() if pin else t for t in tensors]
 
         with ThreadPoolExecutor(1) as reader:
@@ -125,5 +127,6 @@ class BatchLoader:
                 yield batch.to(device), tuple(t.to(device, non_blocking=pin) for t in tensors)
 
 
-def _tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
-    return array if isinstance(array, torch.Tensor) else torch.from_numpy(np.array(array))
+def _tensor(array):
+    """A tensor of a numpy array; tensors and windows (ratchet.data.windows) as they are."""
+    return torch.from_numpy(np.array(array)) if isinstance(array, np.ndarray) else array

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from tqdm.auto import tqdm
 
-from ratchet.config import TrainConfig
+from ratchet.config import TrainConfig, monitor_mode
 from ratchet.errors import RatchetError
 from ratchet.train.checkpoint import save_checkpoint
 from ratchet.train.distributed import DistInfo, all_gather_objects, all_reduce_sum
@@ -54,7 +54,7 @@ class Trainer:
         self.dist, self.cfg = dist, cfg
         self.checkpoint_path, self.checkpoint_extra = checkpoint_path, checkpoint_extra or {}
         self.on_epoch_end = on_epoch_end
-        self.mode = "min" if cfg.monitor.endswith("loss") else "max"
+        self.mode = monitor_mode(cfg.monitor)
         self.stopper = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta, self.mode)
         self.amp = cfg.amp and dist.device.type == "cuda"
         self.epochs_done = 0

@@ -1,0 +1,261 @@
+"""The sequence family's data: windows as views, chronological splits, scaling, cleaning, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ratchet, tiny_params, write_params
+
+from ratchet.config import load_params
+from ratchet.data import samples
+from ratchet.data.prepared import load_prepared
+from ratchet.data.sequence import prepare
+from ratchet.data.windows import windows
+from ratchet.errors import RatchetError
+from ratchet.models import build_model
+from ratchet.models.serving import serving_model
+from ratchet.train.distributed import DistInfo
+from ratchet.train.loader import BatchLoader
+
+CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def course_windows(series: np.ndarray, target: np.ndarray, input: int, horizon: int, stride: int):
+    """Windows built the plain way: one slice per window, copied."""
+    xs, ys = [], []
+    for start in range(0, len(series) - input - horizon + 1, stride):
+        xs.append(series[start : start + input])
+        ys.append(target[start + input : start + input + horizon])
+    return np.stack(xs), np.stack(ys)
+
+
+@pytest.mark.parametrize("input,horizon,stride", [(7, 3, 1), (5, 1, 2), (4, 4, 3), (1, 1, 1)])
+def test_windows_equal_a_plain_loop_and_are_views_of_the_series(input, horizon, stride):
+    series = torch.randn(53, 3)
+    x, y = windows(series, series[:, 1], input, horizon, stride)
+    want_x, want_y = course_windows(series.numpy(), series[:, 1].numpy(), input, horizon, stride)
+    assert len(x) == len(y) == len(want_x)
+    everything = torch.arange(len(x))
+    assert torch.equal(x.index_select(0, everything), torch.from_numpy(want_x))
+    assert torch.equal(y.index_select(0, everything), torch.from_numpy(want_y))
+    # views, not copies: the windows share the series' memory and hold O(series) bytes
+    assert x.view.untyped_storage().data_ptr() == series.untyped_storage().data_ptr()
+    assert x.nbytes == series.nelement() * 4 < x.view.nelement() * 4 or input == 1
+    assert torch.equal(x[[2, 0]], torch.from_numpy(want_x[[2, 0]]))
+
+
+def test_loader_batches_of_windows_equal_the_plain_windows():
+    series = torch.randn(200, 2)
+    x, y = windows(series, series[:, 0], 24, 3, 1)
+    want_x, want_y = course_windows(series.numpy(), series[:, 0].numpy(), 24, 3, 1)
+    loader = BatchLoader([x, y], 16, CPU, train=False)
+    got = [(bx, by) for bx, by in loader]
+    assert torch.equal(torch.cat([b[0] for b in got]), torch.from_numpy(want_x))
+    assert torch.equal(torch.cat([b[1] for b in got]), torch.from_numpy(want_y))
+    streamed = BatchLoader([x, y], 16, CPU, train=False, preload_bytes=0)  # the disk path
+    assert streamed.streaming
+    assert torch.equal(torch.cat([b[0] for b in streamed]), torch.from_numpy(want_x))
+
+
+def _counting_series(path, steps=200, start="2024-01-01", freq="h"):
+    """value = the row number: a window's values say exactly which rows it read."""
+    pd.DataFrame({"timestamp": pd.date_range(start, periods=steps, freq=freq), "value": np.arange(steps),
+                  "temp": np.arange(steps) * 2.0}).to_csv(path, index=False)
+    return path
+
+
+def _section(project, **changes):
+    params = tiny_params()
+    for dotted, value in changes.items():
+        node = params["sequence"]
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    write_params(project, params)
+    return load_params(project / "params.yaml").pipeline("sequence")
+
+
+def test_no_window_crosses_a_split_and_splits_are_chronological(project):
+    _counting_series(project / "data/raw/series.csv")
+    cfg = _section(project, **{"prepare.scaler": "none", "window.input": 10, "window.horizon": 4,
+                               "evaluate.seasonal_period": None})
+    meta = prepare(cfg)
+    prepared = load_prepared(cfg.prepare.out_dir)
+    assert meta["rows"] == {"train": 120, "val": 40, "test": 40}
+    bounds = {"train": (0, 119), "val": (120, 159), "test": (160, 199)}
+    for split, (low, high) in bounds.items():
+        x, y = samples(prepared, split, raw=True)
+        everything = torch.arange(len(x))
+        inputs, targets = x.index_select(0, everything)[..., 0], y.index_select(0, everything)
+        assert inputs.min() == low and targets.max() == high  # first and last step of the split are used
+        assert ((inputs >= low) & (inputs <= high)).all() and ((targets >= low) & (targets <= high)).all()
+        assert len(x) == meta["windows"][split] == (high - low + 1) - 10 - 4 + 1
+        times = prepared.array(f"{split}_time")
+        assert pd.Timestamp(int(times[0])) == pd.Timestamp("2024-01-01") + pd.Timedelta(hours=low)
+
+
+def test_scaling_is_fitted_on_the_training_part_and_inverts_exactly(project):
+    cfg = _section(project)
+    meta = prepare(cfg)
+    prepared = load_prepared(cfg.prepare.out_dir)
+    raw = pd.read_csv(project / "data/raw/series.csv")[["value", "temp"]].to_numpy()
+    train = raw[: meta["rows"]["train"]]
+    assert np.allclose(meta["offset"], train.mean(axis=0)) and np.allclose(meta["scale"], train.std(axis=0))
+    assert not np.allclose(meta["offset"], raw.mean(axis=0))  # later data did not leak into the scaling
+    for split in ("train", "val", "test"):
+        scaled, original = prepared.array(f"{split}_series"), prepared.array(f"{split}_raw")
+        back = scaled.astype(np.float64) * meta["scale"] + meta["offset"]
+        np.testing.assert_allclose(back, original, rtol=1e-6, atol=1e-5)
+    # the registered model's own scaling: raw windows in, forecasts in original units out
+    torch.manual_seed(0)
+    net = build_model(cfg.model, meta)
+    served = serving_model(net, meta)
+    x_raw, _ = samples(prepared, "test", raw=True)
+    x_scaled, _ = samples(prepared, "test")
+    idx = torch.arange(5)
+    with torch.no_grad():
+        want = net.eval()(x_scaled.index_select(0, idx)) * meta["scale"][0] + meta["offset"][0]
+        torch.testing.assert_close(served(x_raw.index_select(0, idx)), want, rtol=1e-5, atol=1e-4)
+
+
+SHORT = {"window.input": 4, "window.horizon": 1, "evaluate.seasonal_period": None}  # for 100-step series
+
+
+def _write(path, rows):
+    path.write_text("timestamp,value,temp\n" + "".join(f"{t},{v},{v}\n" for t, v in rows))
+    return path
+
+
+def _hours(n, start=0):
+    return [(str(pd.Timestamp("2024-01-01") + pd.Timedelta(hours=h)), float(h)) for h in range(start, start + n)]
+
+
+BAD_SERIES = {
+    "duplicate": (lambda: _hours(100)[:50] + [_hours(100)[49]] + _hours(100)[50:], {},
+                  "timestamp 2024-01-03 01:00:00 appears more than once"),
+    "gap": (lambda: _hours(40) + _hours(60, start=45), {}, "5 missing step(s) of 1h; the first gap is after "
+            "2024-01-02 15:00:00"),
+    "empty value": (lambda: _hours(30) + [(_hours(31)[30][0], "")] + _hours(69, start=31), {},
+                    "column 'value' has 1 empty value(s), the first at 2024-01-02 06:00:00"),
+    "too short": (lambda: _hours(40), {}, "the train part has 24 steps; window.input 24 + window.horizon 3 "
+                  "needs at least 27"),
+    "not in time order": (lambda: _hours(50) + [_hours(60)[55]] + _hours(100, start=50)[:5] + _hours(100)[56:],
+                          {"data.unsorted": "fail"}, "line 53: timestamp 2024-01-03 02:00:00 comes before "
+                          "2024-01-03 07:00:00 on line 52; rows are not in time order"),
+    "not a timestamp": (lambda: _hours(10) + [("yesterday", 1.0)] + _hours(90, start=11), {},
+                        "column 'timestamp', line 12: 'yesterday' is not a timestamp"),
+    "not a number": (lambda: _hours(10) + [(_hours(11)[10][0], "n/a?")] + _hours(89, start=11), {},
+                     "column 'value', line 12: 'n/a?' is not a number"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SERIES))
+def test_bad_series_fail_with_one_clear_line_and_no_outputs(project, case):
+    rows, changes, message = BAD_SERIES[case]
+    _write(project / "data/raw/series.csv", rows())
+    cfg = _section(project, **changes)
+    with pytest.raises(RatchetError) as info:
+        prepare(cfg)
+    assert str(info.value).startswith(f"{project / 'data/raw/series.csv'}: ")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not cfg.prepare.out_dir.parent.exists()  # not even the directory it would go in
+
+
+def test_the_command_line_says_error_and_exits_2_on_a_bad_series(project):
+    _write(project / "data/raw/series.csv", _hours(40) + _hours(60, start=45))
+    proc = ratchet(project, "prepare", "sequence", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {project / 'data/raw/series.csv'}: 5 missing step(s) of 1h; the first gap is after "
+        "2024-01-02 15:00:00, next row 2024-01-02 21:00:00 (data.gaps: ffill or interpolate fills them)"]
+
+
+def test_gaps_and_duplicates_are_filled_as_params_say(project):
+    rows = _hours(40) + _hours(60, start=44)  # 40..43 missing
+    rows.insert(11, (rows[10][0], 99.0))  # a repeated timestamp, after the first, another value
+    _write(project / "data/raw/series.csv", rows)
+    source = project / "data/raw/series.csv"
+    for gaps, want in (("ffill", [39.0, 39.0, 39.0, 39.0]), ("interpolate", [40.0, 41.0, 42.0, 43.0])):
+        for duplicates, at_ten in (("first", 10.0), ("mean", (10.0 + 99.0) / 2)):
+            cfg = _section(project, **{"data.gaps": gaps, "data.duplicates": duplicates, "prepare.scaler": "none",
+                                       "prepare.val_fraction": 0.1, "prepare.test_fraction": 0.1, **SHORT})
+            meta = prepare(cfg)
+            train = load_prepared(cfg.prepare.out_dir).array("train_raw")[:, 0]
+            assert list(train[40:44]) == want and train[10] == at_ten, (gaps, duplicates)
+            assert meta["cleaning"]["source"] == {"sorted": False, "duplicates": 1, "filled_steps": 4,
+                                                  "filled_values": 0}
+            assert meta["source"] == str(source)
+
+
+def test_unsorted_rows_are_sorted_by_default(project):
+    rows = _hours(100)
+    rows[20], rows[21] = rows[21], rows[20]
+    _write(project / "data/raw/series.csv", rows)
+    cfg = _section(project, **{"prepare.scaler": "none", **SHORT})
+    meta = prepare(cfg)
+    assert meta["cleaning"]["source"]["sorted"] is True
+    assert list(load_prepared(cfg.prepare.out_dir).array("train_raw")[18:23, 0]) == [18, 19, 20, 21, 22]
+
+
+def test_separate_test_file_must_come_after_the_training_file(project):
+    _counting_series(project / "data/raw/series.csv", steps=150)
+    _counting_series(project / "data/raw/later.csv", steps=60, start="2024-01-07 06:00")
+    cfg = _section(project, **{"data.test": "data/raw/later.csv", "prepare.scaler": "none"})
+    meta = prepare(cfg)
+    assert meta["rows"] == {"train": 120, "val": 30, "test": 60}  # validation: the end of the training file
+    assert meta["span"]["test"][0] == "2024-01-07 06:00:00"
+    _counting_series(project / "data/raw/later.csv", steps=60, start="2024-01-07 05:00")
+    with pytest.raises(RatchetError, match=r"later.csv: starts at 2024-01-07 05:00:00, not after the end of "
+                                           r"series.csv \(2024-01-07 05:00:00\); test data must come later"):
+        prepare(cfg)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"evaluate.seasonal_period": 48}, "sequence: evaluate.seasonal_period 48 is longer than window.input 24"),
+    ({"promote.metric": "f1_macro", "promote.direction": "maximize"},
+     "sequence: promote.metric f1_macro is not computed for forecast models; use mse, mae or rmse"),
+    ({"promote.direction": "maximize"}, "sequence: promote.direction: rmse is lower-is-better; set minimize"),
+    ({"train.monitor": "val_accuracy"}, "sequence: train.monitor val_accuracy is not computed for forecast models"),
+    ({"data.features": ["temp"]}, "sequence: data.features: must include the target value"),
+    ({"window.horizon": 0}, "sequence.window.horizon: must be greater than or equal to 1 (got 0)"),
+    ({"model.name": "transformer"}, "sequence.model: "),
+    ({"model.hidden": "big"}, "sequence.model.hidden: must be a valid integer"),
+])
+def test_bad_sequence_params_name_the_key(project, change, message):
+    _section_raw = tiny_params()
+    for dotted, value in change.items():
+        node = _section_raw["sequence"]
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    write_params(project, _section_raw)
+    with pytest.raises(RatchetError) as info:
+        load_params(project / "params.yaml")
+    assert str(info.value).startswith(f"params.yaml: {message}")
+
+
+@pytest.mark.parametrize("name,bidirectional,layers", [("rnn", False, 1), ("lstm", True, 2), ("gru", False, 3)])
+def test_recurrent_models_forecast_every_horizon_step(project, name, bidirectional, layers):
+    cfg = _section(project, **{"model.name": name, "model.bidirectional": bidirectional, "model.layers": layers,
+                               "model.dropout": 0.1})
+    meta = prepare(cfg)
+    net = build_model(cfg.model, meta)
+    x, _ = samples(load_prepared(cfg.prepare.out_dir), "train")
+    out = net(x.index_select(0, torch.arange(5)))
+    assert out.shape == (5, 3)
+    assert net.rnn.num_layers == layers and net.rnn.bidirectional == bidirectional
+
+
+def test_demo_series_prepares_with_the_shipped_params(tmp_path):
+    from ratchet.data.demo import write_load_series
+
+    write_load_series(tmp_path / "load.csv")
+    frame = pd.read_csv(tmp_path / "load.csv", parse_dates=["timestamp"])
+    assert len(frame) == 120 * 24 and frame["timestamp"].diff().dropna().eq(pd.Timedelta(hours=1)).all()
+    hourly = frame.groupby(frame["timestamp"].dt.hour)["load"].mean()
+    assert hourly.idxmax() in range(17, 22) and hourly.max() - hourly.min() > 15  # the daily cycle is there
