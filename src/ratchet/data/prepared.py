@@ -126,3 +126,25 @@ def write_json(path: Path, content: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_csv(path: Path, required: list[str], **options):
+    """A CSV with a header and data rows, as a DataFrame with every `required` column; else a
+    one-line RatchetError naming the file (missing, empty, unreadable, no rows, no such column)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise RatchetError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path, **options)
+    except pd.errors.EmptyDataError:
+        raise RatchetError(f"{path}: file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise RatchetError(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[-1]})") from None
+    if frame.empty:
+        raise RatchetError(f"{path}: has a header but no data rows")
+    for column in required:
+        if column not in frame.columns:
+            raise RatchetError(f"{path}: column '{column}' not found (columns: {', '.join(map(str, frame.columns))})")
+    return frame

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ratchet.data.prepared import write_prepared
+from ratchet.data.prepared import read_csv, write_prepared
 from ratchet.errors import RatchetError
 
 SPLITS = ("train", "val", "test")
@@ -83,20 +83,7 @@ def prepare(cfg) -> dict:
 def read_series(path: Path, data, columns: list[str]) -> pd.DataFrame:
     """The CSV's value `columns` indexed by parsed timestamps, in time order, one row per
     timestamp. Errors name the file, the column and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise RatchetError(f"{path}: file not found")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise RatchetError(f"{path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise RatchetError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    if frame.empty:
-        raise RatchetError(f"{path}: no data rows")
-    for column in [data.timestamp, *columns]:
-        if column not in frame.columns:
-            raise RatchetError(f"{path}: no column '{column}' (columns: {', '.join(frame.columns)})")
+    frame = read_csv(path, [data.timestamp, *columns], dtype=str, keep_default_na=False)  # parsed below
 
     line = pd.RangeIndex(2, len(frame) + 2)  # file line of each row (1 is the header)
     text = frame[data.timestamp].str.strip()

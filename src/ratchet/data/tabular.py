@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ratchet.config import TabularPipeline
-from ratchet.data.prepared import write_prepared
+from ratchet.data.prepared import read_csv, write_prepared
 from ratchet.data.split import stratified_split
 from ratchet.errors import RatchetError
 
@@ -79,19 +79,7 @@ def transform(x: np.ndarray, fill: np.ndarray, mean: np.ndarray, std: np.ndarray
 
 def read_table(source: Path, label: str, exclude: list[str]) -> tuple[pd.DataFrame, pd.Series]:
     """Read and validate the CSV: numeric features, a label column with at least two classes."""
-    if not source.is_file():
-        raise RatchetError(f"{source}: file not found")
-    try:
-        df = pd.read_csv(source)
-    except pd.errors.EmptyDataError:
-        raise RatchetError(f"{source}: file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise RatchetError(f"{source}: not a readable CSV ({str(exc).strip().splitlines()[-1]})") from None
-    if df.empty:
-        raise RatchetError(f"{source}: has a header but no data rows")
-    for column in [label, *exclude]:
-        if column not in df.columns:
-            raise RatchetError(f"{source}: column '{column}' not found (columns: {', '.join(map(str, df.columns))})")
+    df = read_csv(source, [label, *exclude])
     labels = df[label]
     features = df.drop(columns=[label, *exclude])
     if features.shape[1] == 0:

@@ -126,7 +126,8 @@ def _write_outputs(params: Params, name: str, cfg: PipelineConfig, metrics: dict
             mlflow.log_metrics(numeric(metrics, "test_"))
             for cls, row in metrics.get("per_class", {}).items():
                 mlflow.log_metrics(numeric(row, f"test_class_{_metric_safe(cls)}_"))
-            for row in metrics.get("per_step", [])[1:] and metrics["per_step"]:  # horizon > 1: errors by step
+            per_step = metrics.get("per_step", [])
+            for row in per_step if len(per_step) > 1 else []:  # a horizon of several steps: errors by step
                 mlflow.log_metrics(numeric({k: v for k, v in row.items() if k != "step"}, "test_step_"), step=row["step"])
             mlflow.log_artifacts(str(tmp), "evaluation")
         cfg.evaluate.metrics.parent.mkdir(parents=True, exist_ok=True)
