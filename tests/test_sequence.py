@@ -97,6 +97,23 @@ def test_no_window_crosses_a_split_and_splits_are_chronological(project):
         assert pd.Timestamp(int(times[0])) == pd.Timestamp("2024-01-01") + pd.Timedelta(hours=low)
 
 
+def test_stride_thins_the_training_windows_only(project):
+    """Windows `stride` apart would all forecast the same phase of a daily pattern: validation and
+    test read every window, so their errors cover every step."""
+    _counting_series(project / "data/raw/series.csv")
+    cfg = _section(project, **{"prepare.scaler": "none", "window.input": 10, "window.horizon": 4,
+                               "window.stride": 3, "evaluate.seasonal_period": None})
+    meta = prepare(cfg)
+    prepared = load_prepared(cfg.prepare.out_dir)
+    starts = {}
+    for split in ("train", "val", "test"):
+        x, _ = samples(prepared, split, raw=True)
+        starts[split] = x.index_select(0, torch.arange(len(x)))[:, 0, 0].long().tolist()
+        assert len(x) == meta["windows"][split]
+    assert starts["train"] == list(range(0, 120 - 14 + 1, 3))
+    assert starts["val"] == list(range(120, 160 - 14 + 1)) and starts["test"] == list(range(160, 200 - 14 + 1))
+
+
 def test_scaling_is_fitted_on_the_training_part_and_inverts_exactly(project):
     cfg = _section(project)
     meta = prepare(cfg)
@@ -249,6 +266,28 @@ def test_recurrent_models_forecast_every_horizon_step(project, name, bidirection
     out = net(x.index_select(0, torch.arange(5)))
     assert out.shape == (5, 3)
     assert net.rnn.num_layers == layers and net.rnn.bidirectional == bidirectional
+
+
+def test_residual_forecaster_starts_at_the_naive_forecast_and_learns_corrections(project):
+    cfg = _section(project, **{"data.features": ["temp", "value"], "model.residual": True})
+    meta = prepare(cfg)
+    assert meta["target_index"] == 1
+    torch.manual_seed(0)
+    net = build_model(cfg.model, meta)
+    x, y = samples(load_prepared(cfg.prepare.out_dir), "train")
+    batch, target = x.index_select(0, torch.arange(32)), y.index_select(0, torch.arange(32))
+    naive = batch[:, -1, 1:2].expand(-1, 3)  # the last scaled target value, every horizon step
+    assert torch.equal(net(batch), naive)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(net(batch), target)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(net(batch), target) < torch.nn.functional.mse_loss(naive, target)
+    plain = build_model(_section(project, **{"data.features": ["temp", "value"]}).model, meta)
+    assert not torch.allclose(plain(batch), naive)
 
 
 def test_demo_series_prepares_with_the_shipped_params(tmp_path):

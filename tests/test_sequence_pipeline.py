@@ -23,12 +23,13 @@ WINDOW, HORIZON, PERIOD = 24, 3, 24
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A tiny sequence project trained, evaluated and promoted once (GRU)."""
+    """A tiny sequence project trained, evaluated and promoted once (GRU; every 2nd training
+    window, every test window)."""
     from ratchet.cli import main
 
     project = tmp_path_factory.mktemp("sequence")
     make_series(project / "data/raw/series.csv")
-    write_params(project, tiny_params(**{"sequence.train.epochs": 8}))
+    write_params(project, tiny_params(**{"sequence.train.epochs": 8, "sequence.window.stride": 2}))
     for stage in ("prepare", "train", "evaluate", "promote"):  # in-process: no start-up per stage
         assert main([stage, "sequence", "--params", str(project / "params.yaml")]) == 0
     return project
@@ -66,6 +67,8 @@ def test_errors_are_in_original_units_beside_the_naive_baselines(trained):
     assert metrics["per_step"][0]["mse"] == pytest.approx(float((first**2).mean()), rel=1e-4)
     values = pd.read_csv(trained / "data/raw/series.csv")
     assert rows[0]["timestamp"] == str(pd.Timestamp(values["timestamp"].iloc[480 - 96 + WINDOW]))
+    stamps = pd.to_datetime([r["timestamp"] for r in rows])  # every test step, whatever the training stride
+    assert (stamps[1:] - stamps[:-1] == pd.Timedelta(hours=1)).all()
     assert float(rows[0]["actual"]) == pytest.approx(values["value"].iloc[480 - 96 + WINDOW], abs=1e-4)
     report = (trained / "reports/sequence/evaluation/forecast_report.txt").read_text()
     assert "seasonal_naive" in report and "skill" in report
@@ -111,7 +114,8 @@ def test_gate_keeps_the_champion_when_the_new_forecaster_has_the_higher_error(tr
 
     project = tmp_path / "copy"
     shutil.copytree(trained, project)
-    write_params(project, tiny_params(**{"sequence.train.epochs": 1, "sequence.train.optimizer.lr": 1e-5}))
+    write_params(project, tiny_params(**{"sequence.train.epochs": 1, "sequence.train.optimizer.lr": 1e-5,
+                                         "sequence.window.stride": 2}))
     for stage in ("train", "promote"):
         assert main([stage, "sequence", "--params", str(project / "params.yaml")]) == 0
     promotion = json.loads((project / "reports/sequence/promotion.json").read_text())
@@ -133,8 +137,8 @@ def test_evaluation_under_two_processes_equals_one(trained, tmp_path):
     for nproc in (1, 2):
         project = tmp_path / f"nproc{nproc}"
         shutil.copytree(trained, project)  # the same trained model and test split, its own outputs
-        write_params(project, tiny_params(**{"sequence.train.epochs": 8, "sequence.evaluate.nproc": nproc,
-                                             "sequence.evaluate.batch_size": 7}))
+        write_params(project, tiny_params(**{"sequence.train.epochs": 8, "sequence.window.stride": 2,
+                                             "sequence.evaluate.nproc": nproc, "sequence.evaluate.batch_size": 7}))
         if nproc == 1:
             assert main(["evaluate", "sequence", "--params", str(project / "params.yaml")]) == 0
         else:

@@ -54,6 +54,8 @@ class RNNConfig(Section):
     layers: int = Field(1, ge=1, le=16, description="stacked recurrent layers")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout between recurrent layers (needs layers > 1)")
     bidirectional: bool = Field(False, description="also read the window backwards")
+    residual: bool = Field(False, description="forecast the change from the window's last target value: the "
+                                              "network starts from the naive forecast and learns corrections")
 
 
 SequenceModelConfig = Annotated[RNNConfig, Field(discriminator="name")]

@@ -41,7 +41,8 @@ class SequencePrepare(Section):
 class WindowConfig(Section):
     input: int = Field(48, ge=1, description="time steps the model reads")
     horizon: int = Field(1, ge=1, description="time steps it forecasts, right after the input")
-    stride: int = Field(1, ge=1, description="steps between the starts of consecutive windows")
+    stride: int = Field(1, ge=1, description="steps between the starts of consecutive training windows; "
+                                                     "validation and test use every window")
 
 
 class SequenceEvaluate(EvaluateConfig):

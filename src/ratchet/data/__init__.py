@@ -17,7 +17,9 @@ PREPARERS: dict[str, Callable[..., dict]] = {"tabular": tabular.prepare, "image"
 def samples(prepared: Prepared, split: str, raw: bool = False) -> tuple:
     """(inputs, targets) of a split, indexed by sample, as the loader and the stages take them:
     arrays for tabular and image data; for a series, its windows (views, see data.windows),
-    scaled, or in original units with `raw`."""
+    scaled, or in original units with `raw` (`window.stride` apart in training, every window in
+    validation and test)."""
+    from ratchet.data.sequence import split_stride
     from ratchet.data.windows import windows  # torch: not needed by the prepare stage
 
     meta = prepared.meta
@@ -25,4 +27,5 @@ def samples(prepared: Prepared, split: str, raw: bool = False) -> tuple:
         return prepared.split(split)
     series = np.array(prepared.array(f"{split}_raw" if raw else f"{split}_series"))
     w = meta["window"]
-    return windows(series, series[:, meta["target_index"]].copy(), w["input"], w["horizon"], w["stride"])
+    return windows(series, series[:, meta["target_index"]].copy(), w["input"], w["horizon"],
+                   split_stride(split, w["stride"]))

@@ -71,7 +71,8 @@ def prepare(cfg) -> dict:
         "offset": offset.tolist(),
         "scale": scale.tolist(),
         "rows": {split: len(part) for split, part in parts.items()},
-        "windows": {split: window_count(len(part), win.input, win.horizon, win.stride) for split, part in parts.items()},
+        "windows": {split: window_count(len(part), win.input, win.horizon, split_stride(split, win.stride))
+                    for split, part in parts.items()},
         "span": {split: [str(part.index[0]), str(part.index[-1])] for split, part in parts.items()},
         "cleaning": {"source": source.attrs.get("cleaning", {}),
                      **({"test": test.attrs.get("cleaning", {})} if data.test is not None else {})},
@@ -183,6 +184,13 @@ def fit_scaler(train: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
     else:
         offset, scale = np.zeros(columns), np.ones(columns)
     return offset, np.where(scale > 0, scale, 1.0)
+
+
+def split_stride(split: str, stride: int) -> int:
+    """Steps between window starts in `split`: `window.stride` thins the training windows only.
+    Validation and test read every window, so their errors cover every step of the split, not
+    the one phase of a daily or hourly pattern that windows `stride` apart would all land on."""
+    return stride if split == "train" else 1
 
 
 def window_count(steps: int, input: int, horizon: int, stride: int) -> int:

@@ -18,7 +18,8 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": lambda cfg, meta: MLP(math.prod(meta["input_shape"]), len(meta["classes"]), cfg),
     "cnn": lambda cfg, meta: CNN(meta["input_shape"], len(meta["classes"]), cfg),
     "lenet5": lambda cfg, meta: LeNet5(meta["input_shape"], len(meta["classes"]), cfg),
-    **{cell: lambda cfg, meta: Forecaster(meta["input_shape"][1], meta["window"]["horizon"], cfg)
+    **{cell: lambda cfg, meta: Forecaster(meta["input_shape"][1], meta["window"]["horizon"], cfg,
+                                                  meta["target_index"])
        for cell in ("rnn", "lstm", "gru")},
 }
 

@@ -27,6 +27,7 @@ import torch
 
 from ratchet.config import Params, PipelineConfig
 from ratchet.data.prepared import Prepared, load_prepared, replace_dir
+from ratchet.data.sequence import split_stride
 from ratchet.errors import RatchetError
 from ratchet.data import samples
 from ratchet.data.transforms import batch_transforms
@@ -168,7 +169,7 @@ def _forecast_files(name: str, cfg: PipelineConfig, prepared: Prepared, metrics:
     header = [meta["timestamp"], "actual", *names]
     rows = []
     for i, *values in predictions:
-        step = i * w["stride"] + w["input"]  # the first forecast step of window i
+        step = i * split_stride("test", w["stride"]) + w["input"]  # the first forecast step of window i
         rows.append([str(pd.Timestamp(int(times[step]))), *(float(f"{v:.6g}") for v in (raw[step, t], *values))])
     for path, part in (("predictions.csv", rows), ("forecast.csv", rows[: cfg.evaluate.plot_steps])):
         with open(tmp / path, "w", newline="") as f:
