@@ -55,4 +55,4 @@ lock:
 	  /tmp/ratchet-lock/bin/pip freeze --exclude-editable | grep -vE '^(pip|setuptools|wheel)=='; } > constraints.txt
 
 clean:
-	rm -rf data/demo data/prepared models reports checkpoints mlflow.db mlruns
+	rm -rf data/demo data/prepared models reports checkpoints mlflow.db mlruns mlartifacts .dvc/cache

@@ -178,3 +178,29 @@ def test_whole_pipeline_on_a_bad_csv_stops_at_prepare(project):
         assert proc.returncode == 2 and "run the prepare stage first" in proc.stderr, proc.stderr
     assert runs_by_status(project) == {}
     assert not any((project / d).exists() for d in ("data/prepared", "models", "reports"))
+
+
+def test_a_model_whose_mlflow_run_is_gone_stops_evaluate_and_promote_in_one_line(project, monkeypatch):
+    """A model restored by DVC after mlflow.db was deleted (or trained against another store)
+    points at a run that store has never seen: one line naming run.json and how to retrain."""
+    from mlflow import MlflowClient
+
+    stage(project, prepare)
+    stage(project, train, **GOOD)
+    run_id = json.loads((project / "models/tabular/run.json").read_text())["run_id"]
+    mlflow_client(project).delete_model_version("tabular", "1")
+    with pytest.raises(RatchetError) as version_gone:
+        stage(project, promote, **GOOD)
+    assert "is there but its model version tabular v1 is not in the tracking store" in str(version_gone.value)
+    other = f"sqlite:///{project / 'other.db'}"  # a fresh store, as after `rm mlflow.db`
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    for module in (evaluate, promote):
+        with pytest.raises(RatchetError) as run_gone:
+            stage(project, module, **GOOD)
+        message = str(run_gone.value)
+        assert message.startswith(f"{project / 'models/tabular/run.json'}: MLflow run {run_id} is not in the "
+                                  f"tracking store {other} (")
+        assert message.endswith("train again with `dvc repro --force tabular_train`") and "\n" not in message
+    assert not (project / "reports").exists()
+    client = MlflowClient(other)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []  # nothing opened

@@ -37,7 +37,7 @@ from ratchet.evaluate.plots import confusion_matrix_png, forecast_png, image_gri
 from ratchet.evaluate.report import metrics_dict, report_text
 from ratchet.models import build_model
 from ratchet.stages.train import MODEL_FILE
-from ratchet.tracking.runs import numeric, read_run_file, training_run, use_tracking
+from ratchet.tracking.runs import numeric, tracked_run, training_run, use_tracking
 from ratchet.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, distributed, launch, under_torchrun
 from ratchet.train.loader import BatchLoader
 
@@ -45,7 +45,7 @@ def run(params: Params, name: str) -> dict:
     """Evaluate pipeline `name` on its test split; return metrics.json's content."""
     cfg = params.pipeline(name)
     prepared = load_prepared(cfg.prepare.out_dir)
-    run_info = read_run_file(cfg.train.out_dir)
+    run_info = tracked_run(cfg.train.out_dir, params.root, name)
     if cfg.evaluate.nproc > 1 and not under_torchrun():
         launch(cfg.evaluate.nproc, "evaluate", name, str(params.file))
         return json.loads(cfg.evaluate.metrics.read_text())

@@ -23,13 +23,13 @@ from ratchet.data import samples
 from ratchet.evaluate.metrics import task, test_metrics
 from ratchet.models.serving import input_description
 from ratchet.tracking.registry import Decision, champion_version, check_comparable, decide, record
-from ratchet.tracking.runs import read_run_file, use_tracking
+from ratchet.tracking.runs import tracked_run, use_tracking
 
 
 def run(params: Params, name: str) -> dict:
     cfg = params.pipeline(name)
     prepared = load_prepared(cfg.prepare.out_dir)
-    run_info = read_run_file(cfg.train.out_dir)
+    run_info = tracked_run(cfg.train.out_dir, params.root, name)
     meta, registered = prepared.meta, cfg.promote.registered_model
     x, y = samples(prepared, "test", raw=True) if task(meta) == "forecast" else \
         (prepared.array(meta["serving_input"]), prepared.array("test_y"))

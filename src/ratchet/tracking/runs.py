@@ -105,3 +105,26 @@ def read_run_file(out_dir: Path) -> dict:
     if not path.is_file():
         raise RatchetError(f"{path}: not found; run the train stage first")
     return json.loads(path.read_text())
+
+
+def tracked_run(out_dir: Path, root: Path, pipeline: str) -> dict:
+    """run.json of the trained model, once its MLflow run and registered version are known to the
+    tracking store in use. A model restored by DVC (its cache, a `git checkout`) after mlflow.db
+    was deleted or replaced points at a run that store has never seen: say so in one line."""
+    run_info = read_run_file(out_dir)
+    use_tracking(root)
+    client = MlflowClient()
+    where = f"{Path(out_dir) / RUN_FILE}: MLflow run {run_info['run_id']}"
+    retrain = f"train again with `dvc repro --force {pipeline}_train`"
+    try:
+        client.get_run(run_info["run_id"])
+        if run_info.get("registered_model") and run_info.get("version") is not None:
+            client.get_model_version(run_info["registered_model"], str(run_info["version"]))
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        missing = "is not" if "Run with id" in exc.message else \
+            f"is there but its model version {run_info['registered_model']} v{run_info['version']} is not"
+        raise RatchetError(f"{where} {missing} in the tracking store {mlflow.get_tracking_uri()} (the model was "
+                           f"trained against another store, or that store was deleted since); {retrain}") from None
+    return run_info
