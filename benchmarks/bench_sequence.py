@@ -12,6 +12,9 @@
    MSE, batch 32): the course's loop (TensorDataset of the materialised windows, DataLoader
    with shuffle) against Ratchet's Trainer over the window views, on the first `--windows`
    windows. Rounds alternate; medians. With `--device cuda`, also windows/s on the GPU.
+3. The recurrent cells themselves: one training step (forward, backward, Adam) of torch's RNN,
+   LSTM and GRU (1 -> 32, one layer) on the same batch of 64 windows of 96 steps, as the
+   electricity edit trains them: what a choice of `model.name` costs per step on this device.
 """
 
 from __future__ import annotations
@@ -121,6 +124,28 @@ def ratchet_epochs(trainer: Trainer, epochs: int) -> list[float]:
     return times
 
 
+def cell_steps(x: torch.Tensor, steps: int) -> dict[str, float]:
+    """Median milliseconds of one training step of each recurrent cell on the batch `x`."""
+    times = {}
+    for name, cell in (("rnn", nn.RNN), ("lstm", nn.LSTM), ("gru", nn.GRU)):
+        torch.manual_seed(0)
+        net = cell(1, 32, batch_first=True).to(x.device)
+        opt = torch.optim.Adam(net.parameters())
+        laps = []
+        for i in range(steps + 5):  # 5 warm-up steps
+            start = time.perf_counter()
+            opt.zero_grad()
+            out, _ = net(x)
+            out[:, -1].pow(2).mean().backward()
+            opt.step()
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 5:
+                laps.append(time.perf_counter() - start)
+        times[name] = statistics.median(laps) * 1000
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--csv", type=Path, default=Path("../shared/data/electricity_consumption/electricity_train.csv"))
@@ -129,6 +154,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="epochs per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=50, help="training steps per cell in part 3")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
@@ -170,6 +196,11 @@ def main() -> None:
     print(f"\nLSTM(1->32, 2 layers) epoch over {count} windows of {WINDOW}, batch {args.batch_size}, {device}:")
     print(f"course loop {c:.2f} s ({count / c:,.0f} windows/s), ratchet trainer {o:.2f} s ({count / o:,.0f} windows/s); "
           f"ratio {c / o:.2f}x")
+
+    cells = cell_steps(x.index_select(0, torch.arange(64)).unsqueeze(-1).float().to(device), args.steps)
+    print(f"\none training step of each cell (1->32, 1 layer) on 64 windows of {WINDOW}, {device}, median of "
+          f"{args.steps}: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in cells.items())
+          + f"; gru/lstm {cells['gru'] / cells['lstm']:.2f}x")
 
 
 if __name__ == "__main__":
