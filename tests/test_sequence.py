@@ -290,6 +290,22 @@ def test_residual_forecaster_starts_at_the_naive_forecast_and_learns_corrections
     assert not torch.allclose(plain(batch), naive)
 
 
+def test_fine_tuning_refuses_a_forecaster_trained_with_the_other_residual_setting(project):
+    from ratchet.errors import RatchetError
+    from ratchet.models.finetune import load_initial_weights
+
+    cfg = _section(project, **{"model.residual": True})
+    meta = prepare(cfg)
+    level = build_model(_section(project).model, meta)
+    torch.save({"config": {"model": {"name": "gru", "residual": False}}, "model": level.state_dict()},
+               project / "level.pt")
+    with pytest.raises(RatchetError, match=r"level.pt: it was trained with model.residual false; "
+                                           r"model.residual is true"):
+        load_initial_weights(build_model(cfg.model, meta), "level.pt", "gru", project)
+    same = build_model(_section(project).model, meta)
+    assert load_initial_weights(same, "level.pt", "gru", project) == []  # same setting: every weight copied
+
+
 def test_demo_series_prepares_with_the_shipped_params(tmp_path):
     from ratchet.data.demo import write_load_series
 

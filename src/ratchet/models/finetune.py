@@ -32,6 +32,12 @@ def load_initial_weights(net: nn.Module, source: str, model_name: str, root: Pat
     saved_name = saved.get("config", {}).get("model", {}).get("name")
     if saved_name is not None and saved_name != model_name:
         raise RatchetError(f"train.init_from {source}: it is a '{saved_name}' model; model.name is '{model_name}'")
+    if hasattr(net, "residual"):  # a forecaster's head reads as levels, or as changes from the last value
+        saved_residual = bool(saved.get("config", {}).get("model", {}).get("residual", False))
+        if saved_residual != net.residual:
+            raise RatchetError(f"train.init_from {source}: it was trained with model.residual "
+                               f"{str(saved_residual).lower()}; model.residual is {str(net.residual).lower()} "
+                               "(its head would be read as the other kind of forecast)")
     own = net.state_dict()
     matching = {k: v for k, v in saved["model"].items() if k in own and own[k].shape == v.shape}
     if not any(k in matching for k, _ in net.named_parameters()):
