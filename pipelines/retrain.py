@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import deque
@@ -42,15 +43,25 @@ def dvc_repro(stage: str, root: str) -> None:
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    tail: deque[str] = deque(maxlen=5)
+    lines: deque[str] = deque(maxlen=200)
     for line in proc.stdout:
         line = line.rstrip()
         if line:
             logger.info(line)
-            tail.append(line)
+            lines.append(line)
     if proc.wait() != 0:
-        errors = [line for line in tail if "error" in line.lower()] or list(tail)
-        raise RuntimeError(f"dvc repro {stage} failed (exit {proc.returncode}): {errors[-1] if errors else ''}")
+        raise RuntimeError(failure_message(stage, proc.returncode, list(lines)))
+
+
+def failure_message(stage: str, returncode: int, lines: list[str]) -> str:
+    """One line for a failed `dvc repro <stage>`: the failing command's own `error: ...` line when
+    it printed one (the cause: a file, column, key), else DVC's last error line."""
+    own = [line[len("error: "):] for line in lines if line.startswith("error: ")]
+    if own:
+        failed = re.findall(r"failed to reproduce '([^']+)'", "\n".join(lines))
+        return f"{failed[-1] if failed else stage}: {own[-1]}"
+    errors = [line for line in lines if "error" in line.lower()] or lines
+    return f"dvc repro {stage} failed (exit {returncode}): {errors[-1] if errors else ''}"
 
 
 @flow(name="ratchet-pipeline", flow_run_name="{pipeline}")

@@ -101,3 +101,24 @@ def test_flow_retries_a_killed_training_which_resumes_its_run(dvc_project):
     assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == set(range(1, 41))
     assert json.loads((dvc_project / "reports/tabular/promotion.json").read_text())["promoted"]
     assert json.loads(dvc(dvc_project, "status", "--json", "tabular_promote").stdout) == {}
+
+
+def test_a_failed_stage_is_reported_by_its_own_one_line_error(dvc_project):
+    """The flow's last line names the stage that failed and the cause it printed (file, column),
+    not only DVC's "failed to reproduce"."""
+    import os
+
+    from pipelines.retrain import failure_message
+
+    (dvc_project / "data/raw/table.csv").write_text("f0,f1,label\n1,2,a\n3,x,b\n")
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "tabular_train"], cwd=dvc_project, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode != 0
+    message = failure_message("tabular_train", proc.returncode, proc.stdout.splitlines())
+    assert message.startswith("tabular_prepare: ") and "\n" not in message, proc.stdout
+    assert message.endswith("column 'f1' is not numeric (line 3: 'x')"), message
+    assert str(dvc_project / "data/raw/table.csv") in message
+    # without a line of its own (a crash), DVC's last error line stands in
+    assert failure_message("x", 255, ["Traceback", "ERROR: failed to reproduce 'x': boom"]) == \
+        "dvc repro x failed (exit 255): ERROR: failed to reproduce 'x': boom"
