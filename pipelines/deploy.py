@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from prefect.client.schemas.schedules import CronSchedule
+
 from pipelines.retrain import retrain
 from ratchet.config import load_params
 from ratchet.errors import RatchetError
@@ -28,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-retries", type=int, default=2)
     parser.add_argument("pipelines", nargs="*", help="pipelines to retrain (default: all in params.yaml)")
     args = parser.parse_args(argv)
+    try:
+        CronSchedule(cron=args.cron)
+    except ValueError:  # pydantic's ValidationError: a page of text for one bad field
+        print(f"error: --cron {args.cron!r}: not a cron schedule (five fields: minute hour day-of-month month "
+              "day-of-week, e.g. '0 3 * * 1')", file=sys.stderr)
+        return 2
     if not os.environ.get("PREFECT_API_URL"):
         print("error: PREFECT_API_URL is not set: schedules need a Prefect server "
               "(prefect server start; export PREFECT_API_URL=http://127.0.0.1:4200/api)", file=sys.stderr)

@@ -77,3 +77,13 @@ def test_cron_deployment_schedules_runs_and_serves_them(dvc_project, tmp_path):
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+@pytest.mark.parametrize("cron", ["61 * * *", "every monday", ""])
+def test_a_bad_cron_is_one_line_and_exit_2_before_anything_starts(cron, capsys, monkeypatch):
+    from pipelines.deploy import main
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens: it must not get that far
+    assert main(["--cron", cron]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --cron {cron!r}: not a cron schedule") and "\n" not in err
