@@ -23,7 +23,7 @@ from ratchet.data import samples
 from ratchet.evaluate.metrics import task, test_metrics
 from ratchet.models.serving import input_description
 from ratchet.tracking.registry import Decision, champion_version, check_comparable, decide, record
-from ratchet.tracking.runs import tracked_run, use_tracking
+from ratchet.tracking.runs import tracked_run
 
 
 def run(params: Params, name: str) -> dict:
@@ -33,7 +33,6 @@ def run(params: Params, name: str) -> dict:
     meta, registered = prepared.meta, cfg.promote.registered_model
     x, y = samples(prepared, "test", raw=True) if task(meta) == "forecast" else \
         (prepared.array(meta["serving_input"]), prepared.array("test_y"))
-    use_tracking(params.root)
     client = MlflowClient()
 
     champion = champion_version(client, registered)
