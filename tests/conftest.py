@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 # Before prefect is imported anywhere: keep its database and settings out of the user's home.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ratchet-test-prefect-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+import pipelines  # noqa: E402,F401  (sets Prefect's server start-up wait before prefect is imported)
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"

@@ -87,3 +87,19 @@ def test_a_bad_cron_is_one_line_and_exit_2_before_anything_starts(cron, capsys, 
     assert main(["--cron", cron]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --cron {cron!r}: not a cron schedule") and "\n" not in err
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, 180.0), ("45", 45.0)])
+def test_the_flow_waits_for_a_first_start_of_prefects_temporary_server(user_value, expected):
+    """A first start migrates a new database: about 19 s on an idle 2-core machine, against
+    Prefect's own 20 s wait (a loaded CI machine timed out). Importing the flow, as
+    `python -m pipelines.retrain` does, raises the wait before prefect reads its settings;
+    a value the user exported wins."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
+    if user_value is not None:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_value
+    probe = ("import pipelines.retrain\n"
+             "from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as wait\n"
+             "print(wait.value())")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout.split()[-1]) == expected
