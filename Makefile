@@ -24,12 +24,13 @@ run: setup
 	$(PY) -m pipelines.retrain
 
 ## test: the whole suite (slow tests included), one test file per core (most tests wait on
-## process start-up, DVC and Prefect: two workers finish in about two thirds of the time)
+## process start-up, DVC and Prefect: two workers finish in about two thirds of the time);
+## files with the most slow tests start first (tests/conftest.py orders them, xdist keeps it)
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 ## ui: MLflow UI on http://127.0.0.1:5000 over the local tracking database
 ui: setup

@@ -75,6 +75,7 @@ def test_killed_training_resumes_to_the_same_weights_and_run(tmp_path):
     assert not checkpoint.exists()  # removed once the training finished
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path):
     project = tmp_path
     make_csv(project / "data/raw/table.csv")

@@ -110,6 +110,7 @@ def test_a_new_dataset_under_the_old_model_name_fails_before_training(project):
     assert renamed["promoted"] and renamed["reason"].startswith("first model")
 
 
+@pytest.mark.slow
 def test_evaluation_under_two_processes_equals_one(project):
     stage(project, prepare)
     stage(project, train, **GOOD)
@@ -124,6 +125,7 @@ def test_evaluation_under_two_processes_equals_one(project):
     assert (project / "reports/tabular/evaluation/predictions.csv").read_text() == alone_predictions
 
 
+@pytest.mark.slow
 def test_training_under_two_processes_ends_where_one_process_does(project):
     import torch
 
@@ -169,6 +171,7 @@ def test_training_that_fails_mid_run_ends_the_run_failed_and_writes_nothing(proj
     assert (project / "checkpoints/tabular.pt").exists() is False  # it failed before any epoch finished
 
 
+@pytest.mark.slow
 def test_whole_pipeline_on_a_bad_csv_stops_at_prepare(project):
     (project / "data/raw/table.csv").write_text("f0,f1,label\n1,2,a\n3,x,b\n")
     proc = ratchet(project, "prepare", "tabular", check=False)
