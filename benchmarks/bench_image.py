@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from ratchet.config import AugmentConfig, CNNConfig, TrainConfig, load_params
-from ratchet.data.prepared import load_prepared
-from ratchet.data.transforms import BatchAugment, Compose, Normalize, ToUnitFloat, memory_format
+from ratchet.data.transforms import BatchAugment, Compose, Normalize, ToUnitFloat
+from ratchet.families import get_family
 from ratchet.evaluate.metrics import validation_metrics
 from ratchet.models.cnn import CNN
 from ratchet.stages import prepare
@@ -97,17 +97,17 @@ def course_loop(root: Path, batch_size: int, epochs: int, device: torch.device) 
 def ratchet_trainer(prepared, batch_size: int, dist: DistInfo) -> Trainer:
     meta = prepared.meta
     torch.manual_seed(0)
-    net = CNN(meta["input_shape"], len(meta["classes"]), MODEL).to(dist.device, memory_format=memory_format(meta))
+    net = CNN(meta.input_shape, len(meta.classes), MODEL).to(dist.device, memory_format=get_family("image").memory_format(meta))
     cfg = TrainConfig(out_dir="unused", checkpoint="unused", epochs=1, batch_size=batch_size, device=dist.device.type,
                       amp=False)
-    normalize = Normalize(meta["mean"], meta["std"])
+    normalize = Normalize(meta.mean, meta.std)
     augment = Compose(ToUnitFloat(), BatchAugment(AUGMENT, 0, dist.device), normalize)
     x, y = prepared.split("train")
     loader = BatchLoader([np.concatenate([x, prepared.array("val_x")]), np.concatenate([y, prepared.array("val_y")])],
                          batch_size, dist, train=True, seed=0, transform=augment)
     val = BatchLoader(prepared.split("val"), 512, dist, train=False, transform=Compose(ToUnitFloat(), normalize))
     return Trainer(net, build_optimizer(cfg.optimizer, net), None, nn.CrossEntropyLoss(), loader, val,
-                   validation_metrics(len(meta["classes"]), dist.device), dist, cfg)
+                   validation_metrics(len(meta.classes), dist.device), dist, cfg)
 
 
 def ratchet_epochs(trainer: Trainer, epochs: int) -> list[float]:
@@ -124,14 +124,14 @@ def ratchet_epochs(trainer: Trainer, epochs: int) -> list[float]:
 def prepare_clouds(root: Path, work: Path) -> tuple[object, float]:
     """Run the real prepare stage on the tree (all images used for training: val fraction tiny)."""
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-    section = params["image"]
-    section["data"] = {"root": str(root), "channels": "rgb", "size": [SIZE, SIZE]}
+    section = params["pipelines"]["image"]
+    section["data"] = {"source": str(root), "channels": "rgb", "size": [SIZE, SIZE]}
     section["prepare"] = {"out_dir": str(work / "prepared"), "val_fraction": 0.02, "test_fraction": 0.02}
     section["model"] = {"name": "cnn"}
-    (work / "params.yaml").write_text(yaml.safe_dump({"image": section}))
+    (work / "params.yaml").write_text(yaml.safe_dump({"pipelines": {"image": section}}))
     started = time.perf_counter()
     prepare.run(load_params(work / "params.yaml"), "image")
-    return load_prepared(work / "prepared"), time.perf_counter() - started
+    return get_family("image").load(work / "prepared"), time.perf_counter() - started
 
 
 def step_ceiling(trainer: Trainer, batch_size: int, steps: int) -> float:
@@ -165,8 +165,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared, prepare_seconds = prepare_clouds(args.root.resolve(), Path(tmp))
-        n = sum(prepared.meta["rows"].values()) - prepared.meta["rows"]["test"]
-        print(f"prepare (decode {n + prepared.meta['rows']['test']} images once, resize to {SIZE}x{SIZE}): "
+        n = sum(prepared.meta.rows.values()) - prepared.meta.rows["test"]
+        print(f"prepare (decode {n + prepared.meta.rows['test']} images once, resize to {SIZE}x{SIZE}): "
               f"{prepare_seconds:.2f} s")
         trainer = ratchet_trainer(prepared, args.batch_size, dist)
         course_loop(args.root, args.batch_size, 1, device)  # warm-up: file cache, kernels

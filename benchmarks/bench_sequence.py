@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ratchet.config import TrainConfig
 from ratchet.data.windows import windows
-from ratchet.evaluate.metrics import objective
+from ratchet.families import get_family
 from ratchet.train.distributed import DistInfo
 from ratchet.train.loader import BatchLoader
 from ratchet.train.optim import build_optimizer
@@ -108,7 +108,7 @@ def ratchet_trainer(series: np.ndarray, count: int, batch_size: int, dist: DistI
     net = CourseLSTM().to(dist.device)
     cfg = TrainConfig(out_dir="unused", checkpoint="unused", epochs=1, batch_size=batch_size,
                       device=dist.device.type, amp=False)
-    loss_fn, metrics = objective({"family": "sequence"}, dist.device)
+    loss_fn, metrics = get_family("sequence").objective(None, None, dist.device)
     loader = BatchLoader([x, y], batch_size, dist, train=True, seed=0)
     return Trainer(net, build_optimizer(cfg.optimizer, net), None, loss_fn, loader, loader, metrics, dist, cfg)
 

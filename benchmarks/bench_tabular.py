@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ratchet.config import MLPConfig, TrainConfig, load_params
-from ratchet.data.prepared import load_prepared
+from ratchet.families import get_family
 from ratchet.evaluate.metrics import validation_metrics
 from ratchet.models.mlp import MLP
 from ratchet.stages import prepare
@@ -99,7 +99,7 @@ def ratchet_trainer(x, y, vx, vy, batch_size: int, epochs: int, validate: bool =
 
 
 def throughput(prepared_dir: Path, batch_sizes: list[int], epochs: int, rounds: int) -> list[dict]:
-    data = load_prepared(prepared_dir)
+    data = get_family("tabular").load(prepared_dir)
     x, y = (np.array(a) for a in data.split("train"))
     vx, vy = (np.array(a) for a in data.split("val"))
     rows = []
@@ -122,13 +122,13 @@ def overhead(csv: Path, epochs: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
-        section = params["tabular"]
+        section = params["pipelines"]["tabular"]
         section["data"] = {"source": str(csv.resolve()), "label": "Potability", "exclude": []}
         section["model"] = MODEL.model_dump()
         section["train"].update(epochs=epochs, batch_size=256, device="cpu")
         section["train"]["early_stopping"] = {"patience": None}
         section["promote"]["registered_model"] = "water_potability"
-        (project / "params.yaml").write_text(yaml.safe_dump({"demo": params["demo"], "tabular": section}))
+        (project / "params.yaml").write_text(yaml.safe_dump({"demo": params["demo"], "pipelines": {"tabular": section}}))
         prepare.run(load_params(project / "params.yaml"), "tabular")
         for attempt in ("first run (new database)", "second run"):
             timings = {"run": attempt}
@@ -153,13 +153,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())  # as the machine gives it; both sides alike
     with tempfile.TemporaryDirectory() as tmp:
-        params = {"demo": {"dir": "demo"}, "tabular": {
+        params = {"demo": {"dir": "demo"}, "pipelines": {"tabular": {
             "family": "tabular", "data": {"source": str(args.csv.resolve()), "label": "Potability"},
             "prepare": {"out_dir": "prepared"}, "train": {"out_dir": "m", "checkpoint": "c"},
-            "evaluate": {"out_dir": "e", "metrics": "e.json"}, "promote": {"registered_model": "w", "out": "p"}}}
+            "evaluate": {"out_dir": "e", "metrics": "e.json", "plots": "pl"},
+            "promote": {"registered_model": "w", "out": "p"}}}}
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
         meta = prepare.run(load_params(Path(tmp) / "params.yaml"), "tabular")
-        print(f"\nthroughput: {meta['rows']['train']} training rows x {args.epochs} epochs, torch "
+        print(f"\nthroughput: {meta.rows['train']} training rows x {args.epochs} epochs, torch "
               f"{torch.__version__}, {torch.get_num_threads()} threads, median of {args.rounds} alternating rounds")
         print(f"{'batch':>6} {'plain loop':>11} {'Trainer fit()':>14} {'ratio':>6} {'epochs only':>12} {'ratio':>6}"
               "   (samples/s)")

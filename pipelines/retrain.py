@@ -3,11 +3,14 @@
     python -m pipelines.retrain                 # every pipeline (this is `make run`)
     python -m pipelines.retrain tabular         # only the named ones
 
-Each task runs `dvc repro <pipeline>_<step>` (and first `dvc repro demo_data`): DVC decides what is stale, runs the stage's
-command and records dvc.lock, so after the flow `dvc status` is clean and `dvc repro` has
-nothing to do. The flow holds no ML logic. Train is retried (`--train-retries`), and a retry
-resumes from the checkpoint the failed attempt left. Without PREFECT_API_URL, Prefect starts
-a temporary local server for the run; pipelines/deploy.py schedules this flow on a server.
+Each task runs `dvc repro <step>@<pipeline>` (and first `dvc repro demo_data`): DVC decides
+what is stale, runs the stage's command and records dvc.lock, so after the flow `dvc status`
+is clean and `dvc repro` has nothing to do. The flow holds no ML logic. Retries: a stage that
+stopped with its own one-line error (bad params, data, a registry mismatch: `error: ...`)
+fails the flow at once, since the same input fails the same way; a training that crashed or
+was killed is retried (`--train-retries`) and resumes from the checkpoint the failed attempt
+left. Without PREFECT_API_URL, Prefect starts a temporary local server for the run;
+pipelines/deploy.py schedules this flow on a server.
 """
 
 from __future__ import annotations
@@ -27,14 +30,24 @@ from prefect.runtime import flow_run
 
 from ratchet.config import load_params
 from ratchet.errors import RatchetError
-from ratchet.evaluate import summary_line
+from ratchet.families import get_family
+from ratchet.stages import STEPS, stage_name
 from ratchet.tracking.lineage import FLOW_RUN_ENV
 
-STEPS = ("prepare", "train", "evaluate", "promote")
 DEMO_STAGE = "demo_data"
 
 
-@task
+class StageRefused(RuntimeError):
+    """A stage stopped with its own one-line error: deterministic, never retried."""
+
+
+def retry_can_fix(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry a crash or kill, not a stage's own refusal."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return not isinstance(exc, StageRefused)
+
+
+@task(retry_condition_fn=retry_can_fix)
 def dvc_repro(stage: str, root: str) -> None:
     """`dvc repro <stage>` in the project, its output streamed to the task log."""
     logger = get_run_logger()
@@ -50,7 +63,8 @@ def dvc_repro(stage: str, root: str) -> None:
             logger.info(line)
             lines.append(line)
     if proc.wait() != 0:
-        raise RuntimeError(failure_message(stage, proc.returncode, list(lines)))
+        refused = any(line.startswith("error: ") for line in lines)
+        raise (StageRefused if refused else RuntimeError)(failure_message(stage, proc.returncode, list(lines)))
 
 
 def failure_message(stage: str, returncode: int, lines: list[str]) -> str:
@@ -72,7 +86,7 @@ def pipeline_flow(pipeline: str, params_file: str = "params.yaml", train_retries
     for step in STEPS:
         retries = train_retries if step == "train" else 0
         dvc_repro.with_options(name=f"{pipeline}-{step}", retries=retries, retry_delay_seconds=5)(
-            f"{pipeline}_{step}", str(params.root)
+            stage_name(step, pipeline), str(params.root)
         )
     return json.loads(cfg.promote.out.read_text())
 
@@ -97,11 +111,9 @@ def summary(results: dict, params_file: str) -> str:
         cfg = params.pipeline(name)
         metrics = json.loads(cfg.evaluate.metrics.read_text())
         run = json.loads((cfg.train.out_dir / "run.json").read_text())
-        report = ("forecast_report.txt, forecast.png" if "rmse" in metrics
-                  else "classification_report.txt, confusion_matrix.png"
-                  + (", misclassified.png" if (cfg.evaluate.out_dir / "misclassified.png").exists() else ""))
+        report = ", ".join(sorted(p.name for p in cfg.evaluate.out_dir.iterdir() if p.suffix in (".txt", ".png")))
         lines += [
-            f"{name}: test {summary_line(metrics)}; "
+            f"{name}: test {get_family(cfg.family).summary(metrics)}; "
             f"{promo['registered_model']} v{promo['version']} {'promoted' if promo['promoted'] else 'not promoted'}: "
             f"{promo['reason']}",
             f"  champion      models:/{promo['registered_model']}@champion (v{promo['champion_after']})",

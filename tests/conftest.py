@@ -92,12 +92,12 @@ def make_image_tree(root: Path, per_class: int = 12, classes: tuple[str, ...] = 
     return root
 
 
-def tiny_image_section(root: str = "data/raw/images", **data) -> dict:
+def tiny_image_section(source: str = "data/raw/images", **data) -> dict:
     """A small, fast `image` pipeline section (course CNN at 16x16)."""
     return {
         "family": "image",
         "seed": 7,
-        "data": {"root": root, "channels": "rgb", "size": [16, 16], **data},
+        "data": {"source": source, "channels": "rgb", "size": [16, 16], **data},
         "prepare": {"out_dir": "data/prepared/image", "val_fraction": 0.2, "test_fraction": 0.25},
         "augment": {"hflip": 0.5, "rotation": 15, "autocontrast": 0.2},
         "model": {"name": "cnn", "channels": [4, 8], "activation": "elu"},
@@ -108,7 +108,7 @@ def tiny_image_section(root: str = "data/raw/images", **data) -> dict:
             "early_stopping": {"patience": None},
         },
         "evaluate": {"out_dir": "reports/image/evaluation", "metrics": "reports/image/metrics.json",
-                     "batch_size": 64},
+                     "plots": "reports/image/plots", "batch_size": 64},
         "promote": {"registered_model": "image", "out": "reports/image/promotion.json"},
     }
 
@@ -146,7 +146,7 @@ def tiny_sequence_section(source: str = "data/raw/series.csv", **data) -> dict:
             "early_stopping": {"patience": None},
         },
         "evaluate": {"out_dir": "reports/sequence/evaluation", "metrics": "reports/sequence/metrics.json",
-                     "batch_size": 64, "seasonal_period": 24, "plot_steps": 48},
+                     "plots": "reports/sequence/plots", "batch_size": 64, "seasonal_period": 24, "plot_steps": 48},
         "promote": {"registered_model": "sequence", "metric": "rmse", "direction": "minimize",
                     "out": "reports/sequence/promotion.json"},
     }
@@ -154,9 +154,8 @@ def tiny_sequence_section(source: str = "data/raw/series.csv", **data) -> dict:
 
 def tiny_params(source: str = "data/raw/table.csv", label: str = "label", **overrides) -> dict:
     """params.yaml content for small, fast `tabular`, `image` and `sequence` pipelines; `overrides`
-    are dotted keys."""
-    params = {
-        "demo": {"dir": "data/demo"},
+    are dotted keys, relative to `pipelines` unless they start with `demo`."""
+    params = {"demo": {"dir": "data/demo"}, "pipelines": {
         "tabular": {
             "family": "tabular",
             "seed": 7,
@@ -170,19 +169,29 @@ def tiny_params(source: str = "data/raw/table.csv", label: str = "label", **over
                 "early_stopping": {"patience": None},
             },
             "evaluate": {"out_dir": "reports/tabular/evaluation", "metrics": "reports/tabular/metrics.json",
-                         "batch_size": 1024},
+                         "plots": "reports/tabular/plots", "batch_size": 1024},
             "promote": {"registered_model": "tabular", "out": "reports/tabular/promotion.json"},
         },
         "image": tiny_image_section(),
         "sequence": tiny_sequence_section(),
-    }
+    }}
     for dotted, value in overrides.items():
-        node = params
+        node = params if dotted.split(".")[0] in ("demo", "pipelines") else params["pipelines"]
         *parents, last = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[last] = value
     return params
+
+
+def load_prepared(prepared_dir: Path):
+    """A prepared directory, read by the family that wrote it (its meta.json says which)."""
+    import json
+
+    from ratchet.families import get_family
+
+    family = json.loads((Path(prepared_dir) / "meta.json").read_text())["family"]
+    return get_family(family).load(prepared_dir)
 
 
 def write_params(project: Path, params: dict) -> Path:

@@ -31,35 +31,35 @@ def test_shipped_params_load_with_paths_resolved_against_the_params_file():
 
 def test_unknown_key_is_named(tmp_path):
     params = tiny_params()
-    params["tabular"]["train"]["optimzer"] = {"lr": 0.1}
-    assert error_for(tmp_path, params) == "params.yaml: tabular.train.optimzer: unknown key"
+    params["pipelines"]["tabular"]["train"]["optimzer"] = {"lr": 0.1}
+    assert error_for(tmp_path, params) == "params.yaml: pipelines.tabular.train.optimzer: unknown key"
 
 
 def test_wrong_type_is_named(tmp_path):
     message = error_for(tmp_path, tiny_params(**{"tabular.train.epochs": "ten"}))
-    assert message.startswith("params.yaml: tabular.train.epochs: must be a valid integer")
+    assert message.startswith("params.yaml: pipelines.tabular.train.epochs: must be a valid integer")
     assert "'ten'" in message
 
 
 def test_out_of_range_is_named_with_the_value(tmp_path):
     message = error_for(tmp_path, tiny_params(**{"tabular.train.optimizer.lr": -0.1}))
-    assert message == "params.yaml: tabular.train.optimizer.lr: must be greater than 0 (got -0.1)"
+    assert message == "params.yaml: pipelines.tabular.train.optimizer.lr: must be greater than 0 (got -0.1)"
 
 
 def test_choice_outside_the_allowed_names(tmp_path):
     message = error_for(tmp_path, tiny_params(**{"tabular.train.optimizer.name": "lbfgs"}))
-    assert message.startswith("params.yaml: tabular.train.optimizer.name: must be 'sgd', 'adam'")
+    assert message.startswith("params.yaml: pipelines.tabular.train.optimizer.name: must be 'sgd', 'adam'")
 
 
 def test_missing_required_key(tmp_path):
     params = tiny_params()
-    del params["tabular"]["data"]["label"]
-    assert error_for(tmp_path, params) == "params.yaml: tabular.data.label: required key is missing"
+    del params["pipelines"]["tabular"]["data"]["label"]
+    assert error_for(tmp_path, params) == "params.yaml: pipelines.tabular.data.label: required key is missing"
 
 
 def test_global_batch_must_split_evenly_over_processes(tmp_path):
     message = error_for(tmp_path, tiny_params(**{"tabular.train.batch_size": 33, "tabular.train.nproc": 2}))
-    assert message == "params.yaml: tabular.train: batch_size 33 is not divisible by nproc 2"
+    assert message == "params.yaml: pipelines.tabular.train: batch_size 33 is not divisible by nproc 2"
 
 
 def test_split_fractions_must_leave_training_data(tmp_path):
@@ -69,10 +69,10 @@ def test_split_fractions_must_leave_training_data(tmp_path):
 
 def test_section_without_family_and_unknown_family(tmp_path):
     params = tiny_params()
-    params["tabulr"] = {"data": {}}
+    params["pipelines"]["tabulr"] = {"data": {}}
     assert "tabulr: not a pipeline" in error_for(tmp_path, params)
     params = tiny_params(**{"tabular.family": "audio"})
-    assert "tabular: unknown family 'audio'" in error_for(tmp_path, params)
+    assert "pipelines.tabular: unknown family 'audio'" in error_for(tmp_path, params)
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
@@ -81,7 +81,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 def test_unknown_pipeline_lists_the_known_ones(tmp_path):
     write_params(tmp_path, tiny_params())
-    with pytest.raises(RatchetError, match=r"no pipeline 'images' \(pipelines: tabular, image, sequence\)"):
+    with pytest.raises(RatchetError, match=r"no pipeline 'images' under 'pipelines:' \(pipelines: tabular, image, sequence\)"):
         load_params(tmp_path / "params.yaml").pipeline("images")
 
 
@@ -99,5 +99,5 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     write_params(tmp_path, tiny_params(**{"tabular.train.optimizer.lr": 0}))
     proc = ratchet(tmp_path, "train", "tabular", check=False)
     assert proc.returncode == 2
-    assert proc.stderr == "error: params.yaml: tabular.train.optimizer.lr: must be greater than 0 (got 0)\n"
+    assert proc.stderr == "error: params.yaml: pipelines.tabular.train.optimizer.lr: must be greater than 0 (got 0)\n"
     assert not (tmp_path / "models").exists()

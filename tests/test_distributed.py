@@ -70,6 +70,7 @@ def run_two_processes(tmp_path, sync_bn: bool) -> dict:
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_update_parameters_exactly_like_one(tmp_path):
     torch.manual_seed(0)
     initial = MLP(FEATURES, CLASSES, MLPConfig(hidden=[16, 8], batchnorm=True, dropout=0.0)).state_dict()
@@ -84,6 +85,7 @@ def test_two_gloo_processes_update_parameters_exactly_like_one(tmp_path):
         assert pair == pytest.approx(alone, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_without_synchronised_batchnorm_the_processes_diverge_from_one(tmp_path):
     # The control for the test above: per-process BatchNorm statistics change the update,
     # so equality there is the work of GlobalBatchNorm, not of a test too blunt to notice.

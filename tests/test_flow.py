@@ -38,8 +38,8 @@ def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project):
         assert promotion["promoted"] and promotion["version"] == 1
 
     status = json.loads(dvc(dvc_project, "status", "--json").stdout)
-    assert not [stage for stage in status if stage.startswith(("tabular_", "sequence_", "demo_"))], status
-    assert "Running stage" not in dvc(dvc_project, "repro", "tabular_promote", "sequence_promote").stdout
+    assert not [stage for stage in status if stage.endswith(("@tabular", "@sequence")) or stage == "demo_data"], status
+    assert "Running stage" not in dvc(dvc_project, "repro", "promote@tabular", "promote@sequence").stdout
 
     client = mlflow_client(dvc_project)
     assert int(client.get_model_version_by_alias("tabular", "champion").version) == 1
@@ -58,7 +58,7 @@ def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project):
         parent = prefect.read_task_run(flow_run.parent_task_run_id)
         assert parent.flow_run_id == state.state_details.flow_run_id
     lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())
-    prepared_md5 = lock["stages"]["tabular_prepare"]["outs"][0]["md5"]
+    prepared_md5 = lock["stages"]["prepare@tabular"]["outs"][0]["md5"]
     assert run.data.tags["ratchet.dvc.data/prepared/tabular"] == prepared_md5
 
     # A clearly worse setting through the same flow: registered, re-scored, refused.
@@ -72,7 +72,7 @@ def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project):
     assert int(client.get_model_version_by_alias("tabular", "champion").version) == 1
     assert client.get_run(client.get_model_version("tabular", "2").run_id).data.tags["ratchet.git.dirty"] == "true"
     status = json.loads(dvc(dvc_project, "status", "--json").stdout)
-    assert not [stage for stage in status if stage.startswith(("tabular_", "sequence_", "demo_"))], status
+    assert not [stage for stage in status if stage.endswith(("@tabular", "@sequence")) or stage == "demo_data"], status
 
 
 @pytest.mark.slow
@@ -100,7 +100,7 @@ def test_flow_retries_a_killed_training_which_resumes_its_run(dvc_project):
     assert client.get_run(run_id).info.status == "FINISHED"
     assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == set(range(1, 41))
     assert json.loads((dvc_project / "reports/tabular/promotion.json").read_text())["promoted"]
-    assert json.loads(dvc(dvc_project, "status", "--json", "tabular_promote").stdout) == {}
+    assert json.loads(dvc(dvc_project, "status", "--json", "promote@tabular").stdout) == {}
 
 
 def test_a_failed_stage_is_reported_by_its_own_one_line_error(dvc_project):
@@ -112,13 +112,40 @@ def test_a_failed_stage_is_reported_by_its_own_one_line_error(dvc_project):
 
     (dvc_project / "data/raw/table.csv").write_text("f0,f1,label\n1,2,a\n3,x,b\n")
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "tabular_train"], cwd=dvc_project, env=env,
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "train@tabular"], cwd=dvc_project, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode != 0
-    message = failure_message("tabular_train", proc.returncode, proc.stdout.splitlines())
-    assert message.startswith("tabular_prepare: ") and "\n" not in message, proc.stdout
+    message = failure_message("train@tabular", proc.returncode, proc.stdout.splitlines())
+    assert message.startswith("prepare@tabular: ") and "\n" not in message, proc.stdout
     assert message.endswith("column 'f1' is not numeric (line 3: 'x')"), message
     assert str(dvc_project / "data/raw/table.csv") in message
     # without a line of its own (a crash), DVC's last error line stands in
     assert failure_message("x", 255, ["Traceback", "ERROR: failed to reproduce 'x': boom"]) == \
         "dvc repro x failed (exit 255): ERROR: failed to reproduce 'x': boom"
+
+
+@pytest.mark.slow
+def test_a_stages_own_error_fails_the_flow_after_one_attempt(dvc_project):
+    """A registry mismatch (the champion takes other inputs) is deterministic: the train stage
+    refuses it with one line, and the flow stops there instead of retrying the same refusal."""
+    client = mlflow_client(dvc_project)
+    experiment = client.create_experiment("other-data", artifact_location=(dvc_project / "mlartifacts").as_uri())
+    run = client.create_run(experiment)
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("tabular")
+    client.create_model_version("tabular", f"runs:/{run.info.run_id}/model", run.info.run_id,
+                                tags={"ratchet.input": "features: height, weight"})
+    client.set_registered_model_alias("tabular", "champion", "1")
+
+    started = time.monotonic()
+    flow = subprocess.run([sys.executable, "-m", "pipelines.retrain", "tabular", "--train-retries", "2"],
+                          cwd=dvc_project, capture_output=True, text=True, timeout=600)
+    out = flow.stdout + flow.stderr
+    assert flow.returncode == 1, out
+    assert out.count("Running stage 'train@tabular'") == 1, out  # one attempt, no retry
+    assert "Retry 1/2" not in out
+    assert ("error: train@tabular: registered model 'tabular': champion v1 takes features: height, weight, this "
+            "data has features: f0, f1, f2, f3, f4, f5; set promote.registered_model to a new name for a new dataset"
+            ) in flow.stderr.splitlines()
+    assert not (dvc_project / "models/tabular").exists()
+    assert time.monotonic() - started < 300

@@ -6,16 +6,18 @@ import json
 import shutil
 import unicodedata
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_CLASSES, make_image_tree, mlflow_client, ratchet, runs_by_status, tiny_params, write_params
+from conftest import (IMAGE_CLASSES, load_prepared, make_image_tree, mlflow_client, ratchet, runs_by_status, tiny_params,
+                      write_params)
 from PIL import Image
 
 from ratchet.config import AugmentConfig, load_params
-from ratchet.data.prepared import load_prepared
-from ratchet.data.transforms import BatchAugment, batch_transforms
+from ratchet.data.transforms import BatchAugment
+from ratchet.families.image import FAMILY
 from ratchet.train.distributed import DistInfo
 from ratchet.train.loader import BatchLoader
 
@@ -39,39 +41,39 @@ def test_decode_once_arrays_equal_a_direct_decode_of_every_image(project, channe
     meta = prepare(project, **{"image.data.channels": channels, "image.data.size": [12, 18]})
     prepared = load_prepared(project / "data/prepared/image")
     root = project / "data/raw/images"
-    assert meta["input_shape"] == [len(mode), 12, 18]
+    assert meta.input_shape == [len(mode), 12, 18]
     seen = []
     for split in ("train", "val", "test"):
         x, y, ids = prepared.array(f"{split}_x"), prepared.array(f"{split}_y"), prepared.array(f"{split}_ids")
         assert x.dtype == np.uint8 and isinstance(x, np.memmap)  # memory-mapped, compact
         for image, label, rel in zip(x, y, ids):
             np.testing.assert_array_equal(image, direct_decode(root / str(rel), mode, (12, 18)))
-            assert meta["classes"][label] == Path(str(rel)).parts[0]
+            assert meta.classes[label] == Path(str(rel)).parts[0]
         seen += list(ids)
     assert sorted(seen) == sorted(str(p.relative_to(root)) for p in root.rglob("img_*"))  # each image once
 
 
 def test_class_names_keep_spaces_and_non_ascii_in_sorted_order(project):
     meta = prepare(project)
-    assert meta["classes"] == sorted(IMAGE_CLASSES)
-    assert "Zürich" in meta["classes"] and "blue sky" in meta["classes"]
+    assert meta.classes == sorted(IMAGE_CLASSES)
+    assert "Zürich" in meta.classes and "blue sky" in meta.classes
 
 
 def test_decomposed_unicode_folder_names_are_normalised(tmp_path):
     # macOS writes "ü" as "u" + combining diaeresis; the class name is the same either way.
     make_image_tree(tmp_path / "data/raw/images", per_class=8, classes=("a", unicodedata.normalize("NFD", "Zürich")))
     meta = prepare(tmp_path)
-    assert meta["classes"] == ["Zürich", "a"]
+    assert meta.classes == ["Zürich", "a"]
 
 
 def test_split_is_stratified_deterministic_and_changes_with_the_seed(project):
     first = prepare(project)
     ids = {s: list(load_prepared(project / "data/prepared/image").array(f"{s}_ids")) for s in ("train", "val", "test")}
-    assert prepare(project) ["data_hash"] == first["data_hash"]
-    assert [sum(c) for c in zip(*first["class_counts"].values())] == [12] * 4
-    assert all(min(counts) >= 1 for counts in first["class_counts"].values())
+    assert prepare(project).data_hash == first.data_hash
+    assert [sum(c) for c in zip(*first.class_counts.values())] == [12] * 4
+    assert all(min(counts) >= 1 for counts in first.class_counts.values())
     assert set(ids["train"]).isdisjoint(ids["val"]) and set(ids["train"]).isdisjoint(ids["test"])
-    assert prepare(project, **{"image.seed": 8})["data_hash"] != first["data_hash"]
+    assert prepare(project, **{"image.seed": 8}).data_hash != first.data_hash
 
 
 def test_separate_test_tree_is_the_test_split_and_validation_comes_from_training(tmp_path):
@@ -79,19 +81,19 @@ def test_separate_test_tree_is_the_test_split_and_validation_comes_from_training
     make_image_tree(tmp_path / "data/raw/images/test", per_class=5, seed=1, classes=IMAGE_CLASSES[:3])
     meta = prepare(tmp_path, **{"image.data.train": "train", "image.data.test": "test"})
     prepared = load_prepared(tmp_path / "data/prepared/image")
-    assert meta["rows"] == {"train": 32, "val": 8, "test": 15}
+    assert meta.rows == {"train": 32, "val": 8, "test": 15}
     assert all(str(i).startswith("test/") for i in prepared.array("test_ids"))
     assert all(str(i).startswith("train/") for s in ("train", "val") for i in prepared.array(f"{s}_ids"))
     # test labels index the training tree's classes, not the test tree's own (one class fewer)
     for rel, label in zip(prepared.array("test_ids"), prepared.array("test_y")):
-        assert meta["classes"][label] == Path(str(rel)).parts[1]
+        assert meta.classes[label] == Path(str(rel)).parts[1]
 
 
 def test_training_statistics_come_from_the_training_split_only(project):
     meta = prepare(project)
     x = load_prepared(project / "data/prepared/image").array("train_x").astype(np.float64) / 255
-    np.testing.assert_allclose(meta["mean"], x.mean(axis=(0, 2, 3)), rtol=1e-9)
-    np.testing.assert_allclose(meta["std"], x.std(axis=(0, 2, 3)), rtol=1e-7)
+    np.testing.assert_allclose(meta.mean, x.mean(axis=(0, 2, 3)), rtol=1e-9)
+    np.testing.assert_allclose(meta.std, x.std(axis=(0, 2, 3)), rtol=1e-7)
 
 
 def _corrupt(project: Path) -> Path:
@@ -150,25 +152,25 @@ def test_corrupt_image_is_skipped_with_a_warning_when_params_say_so(project):
     proc = ratchet(project, "prepare", "image")
     assert "warning: skipping dots/broken.jpg: not a decodable image" in proc.stdout
     meta = load_prepared(project / "data/prepared/image").meta
-    assert meta["skipped"] == ["dots/broken.jpg"]
-    assert sum(meta["rows"].values()) == 48
+    assert meta.skipped == ["dots/broken.jpg"]
+    assert sum(meta.rows.values()) == 48
 
 
 def test_failed_prepare_keeps_the_previous_prepared_images(project):
     before = prepare(project)
     _corrupt(project)
     assert ratchet(project, "prepare", "image", check=False).returncode == 2
-    assert load_prepared(project / "data/prepared/image").meta["data_hash"] == before["data_hash"]
+    assert load_prepared(project / "data/prepared/image").meta.data_hash == before.data_hash
 
 
 BAD_PARAMS = {
-    "image.data.channels": ("cmyk", "image.data.channels: must be 'rgb' or 'grayscale'"),
+    "image.data.channels": ("cmyk", "pipelines.image.data.channels: must be 'rgb' or 'grayscale'"),
     "image.data.size": ([4, 16], "image.data.size.0: must be greater than or equal to 8"),
     "image.augment.scale": ([1.2, 0.8], "image.augment: Value error, scale [1.2, 0.8]: min is larger than max"),
-    "image.augment.hflip": (1.5, "image.augment.hflip: must be less than or equal to 1"),
+    "image.augment.hflip": (1.5, "pipelines.image.augment.hflip: must be less than or equal to 1"),
     "image.model.name": ("resnet", "image.model: must be"),
-    "image.model.channels": ([], "image.model.channels: List should have at least 1 item"),
-    "image.data.on_bad_image": ("ignore", "image.data.on_bad_image: must be 'fail' or 'skip'"),
+    "image.model.channels": ([], "pipelines.image.model.channels: List should have at least 1 item"),
+    "image.data.on_bad_image": ("ignore", "pipelines.image.data.on_bad_image: must be 'fail' or 'skip'"),
 }
 
 
@@ -198,7 +200,7 @@ def test_augmentation_is_reproducible_with_the_seed_and_differs_per_epoch_and_se
 
     def batches(seed: int, epoch: int) -> list[torch.Tensor]:
         cfg_seeded = cfg.model_copy(update={"seed": seed})
-        loader = _loader(prepared, batch_transforms(cfg_seeded, prepared.meta, CPU.device)[0], seed)
+        loader = _loader(prepared, FAMILY.transforms(cfg_seeded, prepared.meta, CPU.device)[0], seed)
         loader.set_epoch(epoch)
         return [x for x, _ in loader]
 
@@ -212,9 +214,9 @@ def test_no_augmentation_at_evaluation_only_normalisation(project):
     meta = prepare(project)
     cfg = load_params(project / "params.yaml").pipeline("image")
     prepared = load_prepared(cfg.prepare.out_dir)
-    train_t, eval_t = batch_transforms(cfg, meta, CPU.device)
+    train_t, eval_t = FAMILY.transforms(cfg, meta, CPU.device)
     x = torch.from_numpy(np.array(prepared.array("val_x")))
-    mean, std = torch.tensor(meta["mean"]).view(1, -1, 1, 1), torch.tensor(meta["std"]).view(1, -1, 1, 1)
+    mean, std = torch.tensor(meta.mean).view(1, -1, 1, 1), torch.tensor(meta.std).view(1, -1, 1, 1)
     expected = (x.float() / 255 - mean) / std
     for _ in range(2):  # the same every time: nothing random
         torch.testing.assert_close(eval_t(x), expected, rtol=0, atol=1e-6)
@@ -274,10 +276,9 @@ def test_image_models_take_the_prepared_shape_and_give_one_logit_per_class(model
     from pydantic import TypeAdapter
 
     from ratchet.config.models import ImageModelConfig
-    from ratchet.models import build_model
-
     cfg = TypeAdapter(ImageModelConfig).validate_python(model)
-    net = build_model(cfg, {"input_shape": list(shape), "classes": ["a", "b", "c"]})
+    meta = SimpleNamespace(input_shape=list(shape), classes=["a", "b", "c"])
+    net = FAMILY.build_model(cfg, meta)
     assert net(torch.zeros(2, *shape)).shape == (2, 3)
     if model["name"] == "lenet5" and shape == (1, 32, 32):
         assert net.classifier[0].in_features == 16 * 5 * 5  # the paper's layout at 32x32
@@ -287,10 +288,10 @@ def test_demo_digits_tree_prepares_to_32x32_greyscale(tmp_path):
     from ratchet.data.demo import write_demo
 
     write_demo(tmp_path / "data/demo")  # scikit-learn's real handwritten digits as an ImageFolder tree
-    meta = prepare(tmp_path, **{"image.data.root": "data/demo/digits", "image.data.channels": "grayscale",
+    meta = prepare(tmp_path, **{"image.data.source": "data/demo/digits", "image.data.channels": "grayscale",
                                 "image.data.size": [32, 32]})
-    assert meta["classes"] == [str(d) for d in range(10)]
-    assert sum(meta["rows"].values()) == 1797 and meta["input_shape"] == [1, 32, 32]
+    assert meta.classes == [str(d) for d in range(10)]
+    assert sum(meta.rows.values()) == 1797 and meta.input_shape == [1, 32, 32]
 
 
 @pytest.mark.parametrize("activation", ["elu", "relu", "leaky_relu"])

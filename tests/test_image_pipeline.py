@@ -11,9 +11,8 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_CLASSES, make_image_tree, mlflow_client, ratchet, runs_by_status, tiny_params, write_params
+from conftest import load_prepared, IMAGE_CLASSES, make_image_tree, mlflow_client, ratchet, runs_by_status, tiny_params, write_params
 
-from ratchet.data.prepared import load_prepared
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_registered_model_takes_raw_uint8_images_and_matches_evaluation(trained)
         served = model(torch.from_numpy(np.array(prepared.array("test_x")))).argmax(1).tolist()
     with open(trained / "reports/image/evaluation/predictions.csv", newline="") as f:
         evaluated = [r["predicted"] for r in csv.DictReader(f)]
-    classes = prepared.meta["classes"]
+    classes = prepared.meta.classes
     assert [classes[p] for p in served] == evaluated
     promotion = json.loads((trained / "reports/image/promotion.json").read_text())
     assert promotion["promoted"] and promotion["version"] == 1

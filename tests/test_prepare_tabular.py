@@ -8,10 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ratchet, runs_by_status, tiny_params, write_params
+from conftest import load_prepared, ratchet, runs_by_status, tiny_params, write_params
 
 from ratchet.config import load_params
-from ratchet.data.prepared import load_prepared
 from ratchet.data.tabular import prepare
 from ratchet.errors import RatchetError
 from ratchet.models.serving import TabularPreprocess
@@ -48,7 +47,7 @@ def test_splits_partition_the_rows_and_keep_class_proportions(project):
     for split, idx in rows.items():
         share = labels.iloc[idx].value_counts(normalize=True)
         assert (share - overall).abs().max() < 0.06, split
-    assert prepared.meta["rows"] == {"train": 210, "val": 45, "test": 45}
+    assert prepared.meta.rows == {"train": 210, "val": 45, "test": 45}
 
 
 def test_statistics_come_from_the_training_split_only(project):
@@ -57,9 +56,9 @@ def test_statistics_come_from_the_training_split_only(project):
     train_raw = raw[prepared.array("train_ids")]
     fill = np.nanmedian(train_raw, axis=0)
     filled = np.where(np.isnan(train_raw), fill, train_raw)
-    np.testing.assert_allclose(prepared.meta["fill"], fill, rtol=1e-6)
-    np.testing.assert_allclose(prepared.meta["mean"], filled.mean(axis=0), rtol=1e-5)
-    np.testing.assert_allclose(prepared.meta["std"], filled.std(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(prepared.meta.fill, fill, rtol=1e-6)
+    np.testing.assert_allclose(prepared.meta.mean, filled.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(prepared.meta.std, filled.std(axis=0), rtol=1e-5)
     # Standardised training features have mean 0 / std 1; val and test are not forced to.
     np.testing.assert_allclose(prepared.array("train_x").mean(axis=0), 0, atol=1e-5)
 
@@ -83,7 +82,7 @@ def test_changing_val_and_test_rows_leaves_training_data_untouched(project):
 def test_served_preprocessing_reproduces_the_prepared_test_features(project):
     prepared = run_prepare(project)
     meta = prepared.meta
-    pre = TabularPreprocess(meta["fill"], meta["mean"], meta["std"])
+    pre = TabularPreprocess(meta.fill, meta.mean, meta.std)
     raw = torch.from_numpy(np.array(prepared.array("test_x_raw")))
     assert torch.isnan(raw).any()  # the gate sees the raw rows, missing values included
     np.testing.assert_allclose(pre(raw).numpy(), prepared.array("test_x"), rtol=1e-5, atol=1e-6)
@@ -92,19 +91,19 @@ def test_served_preprocessing_reproduces_the_prepared_test_features(project):
 def test_impute_drop_removes_incomplete_rows_and_mean_differs_from_median(project):
     dropped = run_prepare(project, **{"tabular.prepare.impute": "drop"})
     df = pd.read_csv(project / "data/raw/table.csv")
-    assert sum(dropped.meta["rows"].values()) == int((~df.isna().any(axis=1)).sum())
+    assert sum(dropped.meta.rows.values()) == int((~df.isna().any(axis=1)).sum())
     assert not np.isnan(dropped.array("test_x_raw")).any()
-    mean = run_prepare(project, **{"tabular.prepare.impute": "mean"}).meta["fill"]
-    median = run_prepare(project, **{"tabular.prepare.impute": "median"}).meta["fill"]
+    mean = run_prepare(project, **{"tabular.prepare.impute": "mean"}).meta.fill
+    median = run_prepare(project, **{"tabular.prepare.impute": "median"}).meta.fill
     assert mean != median
 
 
 def test_string_and_numeric_labels_give_ordered_class_names(project):
-    assert run_prepare(project).meta["classes"] == ["class_0", "class_1", "class_2"]
+    assert run_prepare(project).meta.classes == ["class_0", "class_1", "class_2"]
     df = pd.read_csv(project / "data/raw/table.csv")
     df["label"] = df["label"].str[-1].astype(int) * 5  # 0, 5, 10: numeric order, not text order
     df.to_csv(project / "data/raw/table.csv", index=False)
-    assert run_prepare(project).meta["classes"] == ["0", "5", "10"]
+    assert run_prepare(project).meta.classes == ["0", "5", "10"]
 
 
 def _set_cell(path, row, column, value):
@@ -171,6 +170,6 @@ def test_real_demo_table_prepares(tmp_path):
     write_demo(tmp_path / "demo")
     csv = tmp_path / "demo/breast_cancer.csv"  # scikit-learn's real breast-cancer table
     run = run_prepare(tmp_path, **{"tabular.data.source": str(csv), "tabular.data.label": "diagnosis"})
-    assert run.meta["classes"] == ["benign", "malignant"]
-    assert sum(run.meta["rows"].values()) == 569
-    assert len(run.meta["features"]) == 30
+    assert run.meta.classes == ["benign", "malignant"]
+    assert sum(run.meta.rows.values()) == 569
+    assert len(run.meta.features) == 30

@@ -6,16 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ratchet, tiny_params, write_params
+from conftest import load_prepared, ratchet, tiny_params, write_params
 
 from ratchet.config import load_params
-from ratchet.data import samples
-from ratchet.data.prepared import load_prepared
-from ratchet.data.sequence import prepare
+from ratchet.families.sequence import FAMILY, series_windows
 from ratchet.data.windows import windows
 from ratchet.errors import RatchetError
-from ratchet.models import build_model
-from ratchet.models.serving import serving_model
 from ratchet.train.distributed import DistInfo
 from ratchet.train.loader import BatchLoader
 
@@ -69,7 +65,7 @@ def _counting_series(path, steps=200, start="2024-01-01", freq="h"):
 def _section(project, **changes):
     params = tiny_params()
     for dotted, value in changes.items():
-        node = params["sequence"]
+        node = params["pipelines"]["sequence"]
         *parents, last = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
@@ -82,17 +78,17 @@ def test_no_window_crosses_a_split_and_splits_are_chronological(project):
     _counting_series(project / "data/raw/series.csv")
     cfg = _section(project, **{"prepare.scaler": "none", "window.input": 10, "window.horizon": 4,
                                "evaluate.seasonal_period": None})
-    meta = prepare(cfg)
+    meta = FAMILY.prepare(cfg)
     prepared = load_prepared(cfg.prepare.out_dir)
-    assert meta["rows"] == {"train": 120, "val": 40, "test": 40}
+    assert meta.rows == {"train": 120, "val": 40, "test": 40}
     bounds = {"train": (0, 119), "val": (120, 159), "test": (160, 199)}
     for split, (low, high) in bounds.items():
-        x, y = samples(prepared, split, raw=True)
+        x, y = series_windows(prepared, split, raw=True)
         everything = torch.arange(len(x))
         inputs, targets = x.index_select(0, everything)[..., 0], y.index_select(0, everything)
         assert inputs.min() == low and targets.max() == high  # first and last step of the split are used
         assert ((inputs >= low) & (inputs <= high)).all() and ((targets >= low) & (targets <= high)).all()
-        assert len(x) == meta["windows"][split] == (high - low + 1) - 10 - 4 + 1
+        assert len(x) == meta.windows[split] == (high - low + 1) - 10 - 4 + 1
         times = prepared.array(f"{split}_time")
         assert pd.Timestamp(int(times[0])) == pd.Timestamp("2024-01-01") + pd.Timedelta(hours=low)
 
@@ -103,38 +99,38 @@ def test_stride_thins_the_training_windows_only(project):
     _counting_series(project / "data/raw/series.csv")
     cfg = _section(project, **{"prepare.scaler": "none", "window.input": 10, "window.horizon": 4,
                                "window.stride": 3, "evaluate.seasonal_period": None})
-    meta = prepare(cfg)
+    meta = FAMILY.prepare(cfg)
     prepared = load_prepared(cfg.prepare.out_dir)
     starts = {}
     for split in ("train", "val", "test"):
-        x, _ = samples(prepared, split, raw=True)
+        x, _ = series_windows(prepared, split, raw=True)
         starts[split] = x.index_select(0, torch.arange(len(x)))[:, 0, 0].long().tolist()
-        assert len(x) == meta["windows"][split]
+        assert len(x) == meta.windows[split]
     assert starts["train"] == list(range(0, 120 - 14 + 1, 3))
     assert starts["val"] == list(range(120, 160 - 14 + 1)) and starts["test"] == list(range(160, 200 - 14 + 1))
 
 
 def test_scaling_is_fitted_on_the_training_part_and_inverts_exactly(project):
     cfg = _section(project)
-    meta = prepare(cfg)
+    meta = FAMILY.prepare(cfg)
     prepared = load_prepared(cfg.prepare.out_dir)
     raw = pd.read_csv(project / "data/raw/series.csv")[["value", "temp"]].to_numpy()
-    train = raw[: meta["rows"]["train"]]
-    assert np.allclose(meta["offset"], train.mean(axis=0)) and np.allclose(meta["scale"], train.std(axis=0))
-    assert not np.allclose(meta["offset"], raw.mean(axis=0))  # later data did not leak into the scaling
+    train = raw[: meta.rows["train"]]
+    assert np.allclose(meta.offset, train.mean(axis=0)) and np.allclose(meta.scale, train.std(axis=0))
+    assert not np.allclose(meta.offset, raw.mean(axis=0))  # later data did not leak into the scaling
     for split in ("train", "val", "test"):
         scaled, original = prepared.array(f"{split}_series"), prepared.array(f"{split}_raw")
-        back = scaled.astype(np.float64) * meta["scale"] + meta["offset"]
+        back = scaled.astype(np.float64) * meta.scale + meta.offset
         np.testing.assert_allclose(back, original, rtol=1e-6, atol=1e-5)
     # the registered model's own scaling: raw windows in, forecasts in original units out
     torch.manual_seed(0)
-    net = build_model(cfg.model, meta)
-    served = serving_model(net, meta)
-    x_raw, _ = samples(prepared, "test", raw=True)
-    x_scaled, _ = samples(prepared, "test")
+    net = FAMILY.build_model(cfg.model, meta)
+    served = FAMILY.serving_model(net, meta)
+    x_raw, _ = series_windows(prepared, "test", raw=True)
+    x_scaled, _ = series_windows(prepared, "test", raw=False)
     idx = torch.arange(5)
     with torch.no_grad():
-        want = net.eval()(x_scaled.index_select(0, idx)) * meta["scale"][0] + meta["offset"][0]
+        want = net.eval()(x_scaled.index_select(0, idx)) * meta.scale[0] + meta.offset[0]
         torch.testing.assert_close(served(x_raw.index_select(0, idx)), want, rtol=1e-5, atol=1e-4)
 
 
@@ -175,7 +171,7 @@ def test_bad_series_fail_with_one_clear_line_and_no_outputs(project, case):
     _write(project / "data/raw/series.csv", rows())
     cfg = _section(project, **changes)
     with pytest.raises(RatchetError) as info:
-        prepare(cfg)
+        FAMILY.prepare(cfg)
     assert str(info.value).startswith(f"{project / 'data/raw/series.csv'}: ")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
@@ -200,12 +196,12 @@ def test_gaps_and_duplicates_are_filled_as_params_say(project):
         for duplicates, at_ten in (("first", 10.0), ("mean", (10.0 + 99.0) / 2)):
             cfg = _section(project, **{"data.gaps": gaps, "data.duplicates": duplicates, "prepare.scaler": "none",
                                        "prepare.val_fraction": 0.1, "prepare.test_fraction": 0.1, **SHORT})
-            meta = prepare(cfg)
+            meta = FAMILY.prepare(cfg)
             train = load_prepared(cfg.prepare.out_dir).array("train_raw")[:, 0]
             assert list(train[40:44]) == want and train[10] == at_ten, (gaps, duplicates)
-            assert meta["cleaning"]["source"] == {"sorted": False, "duplicates": 1, "filled_steps": 4,
+            assert meta.cleaning["source"] == {"sorted": False, "duplicates": 1, "filled_steps": 4,
                                                   "filled_values": 0}
-            assert meta["source"] == str(source)
+            assert meta.source == str(source)
 
 
 def test_unsorted_rows_are_sorted_by_default(project):
@@ -213,8 +209,8 @@ def test_unsorted_rows_are_sorted_by_default(project):
     rows[20], rows[21] = rows[21], rows[20]
     _write(project / "data/raw/series.csv", rows)
     cfg = _section(project, **{"prepare.scaler": "none", **SHORT})
-    meta = prepare(cfg)
-    assert meta["cleaning"]["source"]["sorted"] is True
+    meta = FAMILY.prepare(cfg)
+    assert meta.cleaning["source"]["sorted"] is True
     assert list(load_prepared(cfg.prepare.out_dir).array("train_raw")[18:23, 0]) == [18, 19, 20, 21, 22]
 
 
@@ -222,30 +218,31 @@ def test_separate_test_file_must_come_after_the_training_file(project):
     _counting_series(project / "data/raw/series.csv", steps=150)
     _counting_series(project / "data/raw/later.csv", steps=60, start="2024-01-07 06:00")
     cfg = _section(project, **{"data.test": "data/raw/later.csv", "prepare.scaler": "none"})
-    meta = prepare(cfg)
-    assert meta["rows"] == {"train": 120, "val": 30, "test": 60}  # validation: the end of the training file
-    assert meta["span"]["test"][0] == "2024-01-07 06:00:00"
+    meta = FAMILY.prepare(cfg)
+    assert meta.rows == {"train": 120, "val": 30, "test": 60}  # validation: the end of the training file
+    assert meta.span["test"][0] == "2024-01-07 06:00:00"
     _counting_series(project / "data/raw/later.csv", steps=60, start="2024-01-07 05:00")
     with pytest.raises(RatchetError, match=r"later.csv: starts at 2024-01-07 05:00:00, not after the end of "
                                            r"series.csv \(2024-01-07 05:00:00\); test data must come later"):
-        prepare(cfg)
+        FAMILY.prepare(cfg)
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"evaluate.seasonal_period": 48}, "sequence: evaluate.seasonal_period 48 is longer than window.input 24"),
+    ({"evaluate.seasonal_period": 48}, "pipelines.sequence: evaluate.seasonal_period 48 is longer than window.input 24"),
     ({"promote.metric": "f1_macro", "promote.direction": "maximize"},
-     "sequence: promote.metric f1_macro is not computed for forecast models; use mse, mae or rmse"),
-    ({"promote.direction": "maximize"}, "sequence: promote.direction: rmse is lower-is-better; set minimize"),
-    ({"train.monitor": "val_accuracy"}, "sequence: train.monitor val_accuracy is not computed for forecast models"),
-    ({"data.features": ["temp"]}, "sequence: data.features: must include the target value"),
-    ({"window.horizon": 0}, "sequence.window.horizon: must be greater than or equal to 1 (got 0)"),
-    ({"model.name": "transformer"}, "sequence.model: "),
-    ({"model.hidden": "big"}, "sequence.model.hidden: must be a valid integer"),
+     "pipelines.sequence.promote.metric: this family computes mse, mae, rmse (got 'f1_macro')"),
+    ({"promote.direction": "maximize"}, "pipelines.sequence.promote.direction: rmse is lower-is-better; set minimize"),
+    ({"train.monitor": "val_accuracy"},
+     "pipelines.sequence.train.monitor: this family computes val_loss, val_mae, val_rmse (got 'val_accuracy')"),
+    ({"data.features": ["temp"]}, "pipelines.sequence: data.features: must include the target value"),
+    ({"window.horizon": 0}, "pipelines.sequence.window.horizon: must be greater than or equal to 1 (got 0)"),
+    ({"model.name": "transformer"}, "pipelines.sequence.model: "),
+    ({"model.hidden": "big"}, "pipelines.sequence.model.hidden: must be a valid integer"),
 ])
 def test_bad_sequence_params_name_the_key(project, change, message):
     _section_raw = tiny_params()
     for dotted, value in change.items():
-        node = _section_raw["sequence"]
+        node = _section_raw["pipelines"]["sequence"]
         *parents, last = dotted.split(".")
         for key in parents:
             node = node[key]
@@ -260,9 +257,9 @@ def test_bad_sequence_params_name_the_key(project, change, message):
 def test_recurrent_models_forecast_every_horizon_step(project, name, bidirectional, layers):
     cfg = _section(project, **{"model.name": name, "model.bidirectional": bidirectional, "model.layers": layers,
                                "model.dropout": 0.1})
-    meta = prepare(cfg)
-    net = build_model(cfg.model, meta)
-    x, _ = samples(load_prepared(cfg.prepare.out_dir), "train")
+    meta = FAMILY.prepare(cfg)
+    net = FAMILY.build_model(cfg.model, meta)
+    x, _ = series_windows(load_prepared(cfg.prepare.out_dir), "train", raw=False)
     out = net(x.index_select(0, torch.arange(5)))
     assert out.shape == (5, 3)
     assert net.rnn.num_layers == layers and net.rnn.bidirectional == bidirectional
@@ -270,11 +267,11 @@ def test_recurrent_models_forecast_every_horizon_step(project, name, bidirection
 
 def test_residual_forecaster_starts_at_the_naive_forecast_and_learns_corrections(project):
     cfg = _section(project, **{"data.features": ["temp", "value"], "model.residual": True})
-    meta = prepare(cfg)
-    assert meta["target_index"] == 1
+    meta = FAMILY.prepare(cfg)
+    assert meta.target_index == 1
     torch.manual_seed(0)
-    net = build_model(cfg.model, meta)
-    x, y = samples(load_prepared(cfg.prepare.out_dir), "train")
+    net = FAMILY.build_model(cfg.model, meta)
+    x, y = series_windows(load_prepared(cfg.prepare.out_dir), "train", raw=False)
     batch, target = x.index_select(0, torch.arange(32)), y.index_select(0, torch.arange(32))
     naive = batch[:, -1, 1:2].expand(-1, 3)  # the last scaled target value, every horizon step
     assert torch.equal(net(batch), naive)
@@ -286,7 +283,7 @@ def test_residual_forecaster_starts_at_the_naive_forecast_and_learns_corrections
         optimizer.step()
     with torch.no_grad():
         assert torch.nn.functional.mse_loss(net(batch), target) < torch.nn.functional.mse_loss(naive, target)
-    plain = build_model(_section(project, **{"data.features": ["temp", "value"]}).model, meta)
+    plain = FAMILY.build_model(_section(project, **{"data.features": ["temp", "value"]}).model, meta)
     assert not torch.allclose(plain(batch), naive)
 
 
@@ -295,14 +292,15 @@ def test_fine_tuning_refuses_a_forecaster_trained_with_the_other_residual_settin
     from ratchet.models.finetune import load_initial_weights
 
     cfg = _section(project, **{"model.residual": True})
-    meta = prepare(cfg)
-    level = build_model(_section(project).model, meta)
+    meta = FAMILY.prepare(cfg)
+    level = FAMILY.build_model(_section(project).model, meta)
     torch.save({"config": {"model": {"name": "gru", "residual": False}}, "model": level.state_dict()},
                project / "level.pt")
     with pytest.raises(RatchetError, match=r"level.pt: it was trained with model.residual false; "
                                            r"model.residual is true"):
-        load_initial_weights(build_model(cfg.model, meta), "level.pt", "gru", project)
-    same = build_model(_section(project).model, meta)
+        load_initial_weights(FAMILY.build_model(cfg.model, meta), "level.pt", "gru", project,
+                             check=lambda saved: FAMILY.check_init_from(saved, cfg, "level.pt"))
+    same = FAMILY.build_model(_section(project).model, meta)
     assert load_initial_weights(same, "level.pt", "gru", project) == []  # same setting: every weight copied
 
 

@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_series, mlflow_client, ratchet, tiny_params, write_params
+from conftest import load_prepared, make_series, mlflow_client, ratchet, tiny_params, write_params
 
-from ratchet.data import samples
-from ratchet.data.prepared import load_prepared
+from ratchet.families.sequence import series_windows
 
 WINDOW, HORIZON, PERIOD = 24, 3, 24
 
@@ -97,7 +96,7 @@ def test_registered_model_takes_raw_windows_and_matches_evaluation(trained):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     model = mlflow.pytorch.load_model("models:/sequence@champion", map_location="cpu")
-    x, _ = samples(prepared, "test", raw=True)
+    x, _ = series_windows(prepared, "test", raw=True)
     with torch.no_grad():
         served = model(x.index_select(0, torch.arange(len(x))))
     with open(trained / "reports/sequence/evaluation/predictions.csv", newline="") as f:

@@ -12,6 +12,7 @@ from conftest import mlflow_client, ratchet, runs_by_status, tiny_params, write_
 
 from ratchet.config import load_params
 from ratchet.errors import RatchetError
+from ratchet.families import get_family
 from ratchet.stages import evaluate, prepare, promote, train
 
 GOOD = {"tabular.train.epochs": 6, "tabular.train.optimizer.lr": 0.01}
@@ -90,7 +91,9 @@ def test_champion_is_rescored_on_the_current_test_split(project):
     cfg = load_params(project / "params.yaml").pipeline("tabular")
     x = np.load(cfg.prepare.out_dir / "test_x_raw.npy")
     y = np.load(cfg.prepare.out_dir / "test_y.npy")
-    now = promote.score_model("models:/tabular/1", x, y, 3, "f1_macro")
+    family = get_family("tabular")
+    meta = family.load(cfg.prepare.out_dir).meta
+    now = promote.score_model(family, "models:/tabular/1", meta, x, y, "f1_macro")
     assert second["champion_before"]["score"] == pytest.approx(now)
     assert now != pytest.approx(first["score"])  # the number stored from the old split was not used
 
@@ -203,7 +206,7 @@ def test_a_model_whose_mlflow_run_is_gone_stops_evaluate_and_promote_in_one_line
         message = str(run_gone.value)
         assert message.startswith(f"{project / 'models/tabular/run.json'}: MLflow run {run_id} is not in the "
                                   f"tracking store {other} (")
-        assert message.endswith("train again with `dvc repro --force tabular_train`") and "\n" not in message
+        assert message.endswith("train again with `dvc repro --force train@tabular`") and "\n" not in message
     assert not (project / "reports").exists()
     client = MlflowClient(other)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []  # nothing opened

@@ -8,7 +8,8 @@
     ratchet pipelines                 # list the pipelines in params.yaml
 
 Every subcommand takes `--params PATH` (default: params.yaml). Bad input ends with one line,
-`error: ...`, and exit status 2.
+`error: ...`, and exit status 2 (the flow does not retry it); a process that died under
+torchrun ends with `failed: ...` and exit status 1 (the flow retries it).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import os
 import signal
 import sys
 
-from ratchet.errors import RatchetError
+from ratchet.errors import RatchetError, StageFailed
 
-STAGES = ("prepare", "train", "evaluate", "promote")
+from ratchet.stages import STEPS as STAGES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _dispatch(args)
+    except StageFailed as exc:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"failed: {exc}", file=sys.stderr)
+        return 1
     except RatchetError as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike; one says so
             print(f"error: {exc}", file=sys.stderr)

@@ -1,15 +1,18 @@
 """Typed, validated view of params.yaml; `load_params()` is the only reader of the raw YAML.
 
-params.yaml holds one section per pipeline (its `family` picks the schema below) plus the
-`demo` section. Every path is written once, relative to the directory of params.yaml, and
-resolved to an absolute path here. A bad value fails with one line naming the file and the
-dotted key, e.g. `params.yaml: tabular.train.optimizer.lr: must be greater than 0 (got -1)`.
+params.yaml holds the `demo` section and `pipelines`, a mapping of pipeline name -> section;
+each section's `family` picks its schema from the family registry (ratchet.families), and the
+family says which monitors and gate metrics exist. Every path is written once, relative to the
+directory of params.yaml, and resolved to an absolute path here. A bad value fails with one
+line naming the file and the dotted key, e.g.
+`params.yaml: pipelines.tabular.train.optimizer.lr: must be greater than 0 (got -1)`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -17,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ratchet.config.base import (  # noqa: F401  (re-exported: the sections every family shares)
     DemoConfig, EarlyStoppingConfig, EvaluateConfig, OptimizerConfig, PromoteConfig, SchedulerConfig,
-    Section, TrainConfig, monitor_mode,
+    Section, TrainConfig, check_metric_names,
 )
 from ratchet.config.image import AugmentConfig, ImageData, ImagePipeline, ImagePrepare  # noqa: F401
 from ratchet.config.models import CNNConfig, LeNetConfig, MLPConfig, RNNConfig  # noqa: F401
@@ -25,8 +28,9 @@ from ratchet.config.sequence import SequenceData, SequencePipeline, SequencePrep
 from ratchet.config.tabular import TabularData, TabularPipeline, TabularPrepare  # noqa: F401
 from ratchet.errors import RatchetError
 
-FAMILIES: dict[str, type[Section]] = {"tabular": TabularPipeline, "image": ImagePipeline, "sequence": SequencePipeline}
-PipelineConfig = TabularPipeline | ImagePipeline | SequencePipeline
+PipelineConfig = Section  # a family's pipeline schema (families/<name>.py names it)
+TOP_LEVEL = ("demo", "pipelines")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class Params(BaseModel):
@@ -44,7 +48,7 @@ class Params(BaseModel):
     def pipeline(self, name: str) -> PipelineConfig:
         if name not in self.pipelines:
             known = ", ".join(self.pipelines) or "none"
-            raise RatchetError(f"{self.file.name}: no pipeline '{name}' (pipelines: {known})")
+            raise RatchetError(f"{self.file.name}: no pipeline '{name}' under 'pipelines:' (pipelines: {known})")
         return self.pipelines[name]
 
 
@@ -62,17 +66,34 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise RatchetError(f"{file.name}: expected a mapping of sections at the top level")
 
+    from ratchet.families import FAMILIES, get_family  # the registry imports the family schemas
+
     context = {"root": file.parent}
+    unknown = [key for key in raw if key not in TOP_LEVEL]
+    if unknown:
+        raise RatchetError(f"{file.name}: {unknown[0]}: unknown top-level key (expected {', '.join(TOP_LEVEL)}; "
+                           "a pipeline is a section under 'pipelines:')")
     demo = _validate(DemoConfig, raw.get("demo", {}), "demo", file, context)
+    sections = raw.get("pipelines") or {}
+    if not isinstance(sections, dict):
+        raise RatchetError(f"{file.name}: pipelines: expected a mapping of pipeline name -> section")
     pipelines = {}
-    for name, section in raw.items():
-        if name == "demo":
-            continue
+    for name, section in sections.items():
+        where = f"pipelines.{name}"
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise RatchetError(f"{file.name}: {where}: a pipeline name is letters, digits, _ and - "
+                               "(it names DVC stages and MLflow experiments)")
         family = section.get("family") if isinstance(section, dict) else None
         if family not in FAMILIES:
             what = f"unknown family '{family}'" if family else "not a pipeline (it has no 'family' key)"
-            raise RatchetError(f"{file.name}: {name}: {what}; families: {', '.join(FAMILIES)}")
-        pipelines[name] = _validate(FAMILIES[family], section, name, file, context)
+            raise RatchetError(f"{file.name}: {where}: {what}; families: {', '.join(FAMILIES)}")
+        fam = get_family(family)
+        cfg = _validate(fam.schema, section, where, file, context)
+        try:
+            check_metric_names(cfg.train, cfg.promote, fam.monitors, fam.gate_metrics)
+        except ValueError as exc:
+            raise RatchetError(f"{file.name}: {where}.{exc}") from None
+        pipelines[name] = cfg
     return Params(file=file, demo=demo, pipelines=pipelines)
 
 

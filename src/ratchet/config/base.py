@@ -48,16 +48,6 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0, description="smallest change of the monitor that counts as improvement")
 
 
-Monitor = Literal["val_loss", "val_accuracy", "val_f1_macro", "val_mae", "val_rmse"]
-HIGHER_IS_BETTER = {"val_accuracy", "val_f1_macro", "accuracy", "f1_macro", "f1_micro", "f1_weighted",
-                    "precision_macro", "precision_weighted", "recall_macro", "recall_weighted"}
-
-
-def monitor_mode(monitor: str) -> str:
-    """'max' for a metric where higher is better, 'min' for losses and errors."""
-    return "max" if monitor in HIGHER_IS_BETTER else "min"
-
-
 class TrainConfig(Section):
     out_dir: ProjectPath = Field(description="best model (model.pt), per-epoch history.csv, run.json")
     checkpoint: ProjectPath = Field(description="resume checkpoint; exists only while a training is unfinished")
@@ -65,7 +55,8 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=1, description="global batch size, split evenly over the processes")
     nproc: int = Field(1, ge=1, description="processes (devices) per node; 1 runs without torchrun")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
-    monitor: Monitor = Field("val_loss", description="validation metric for early stopping, plateau and best model")
+    monitor: str = Field("val_loss", description="validation metric for early stopping, plateau and best model "
+                                                  "(the family lists its choices)")
     optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
@@ -87,35 +78,31 @@ class TrainConfig(Section):
 class EvaluateConfig(Section):
     out_dir: ProjectPath = Field(description="classification report, confusion matrix, predictions.csv")
     metrics: ProjectPath = Field(description="metrics.json for `dvc metrics` (kept in git, outside out_dir)")
+    plots: ProjectPath = Field(description="folder for `dvc plots show`: history.csv and every PNG of training and "
+                                           "evaluation (kept in git, outside out_dir)")
     nproc: int = Field(1, ge=1, description="processes for evaluation; each test sample is counted once")
     batch_size: int = Field(1024, ge=1, description="samples per forward pass")
 
 
-ClassificationMetric = Literal[
-    "accuracy", "f1_macro", "f1_micro", "f1_weighted",
-    "precision_macro", "precision_weighted", "recall_macro", "recall_weighted",
-]
-ForecastMetric = Literal["mse", "mae", "rmse"]
-
-
 class PromoteConfig(Section):
     registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="MLflow registry name")
-    metric: ClassificationMetric | ForecastMetric = Field("f1_macro", description="test metric the gate compares")
+    metric: str = Field("f1_macro", description="test metric the gate compares (the family lists its choices)")
     direction: Literal["maximize", "minimize"] = Field("maximize", description="which way is better")
     min_delta: float = Field(0.0, ge=0, description="the new model must beat the champion by more than this")
     out: ProjectPath = Field(description="promotion.json: the decision and its reason")
 
 
-def check_task(train: TrainConfig, promote: PromoteConfig, task: str) -> None:
-    """Refuse a monitor or promotion metric another kind of model computes, and a direction
-    that would promote the worse model."""
-    forecast = {"val_mae", "val_rmse", "mse", "mae", "rmse"}
-    if (train.monitor in forecast) != (task == "forecast") and train.monitor != "val_loss":
-        raise ValueError(f"train.monitor {train.monitor} is not computed for {task} models")
-    if (promote.metric in forecast) != (task == "forecast"):
-        choices = "mse, mae or rmse" if task == "forecast" else "accuracy, f1_macro, ..."
-        raise ValueError(f"promote.metric {promote.metric} is not computed for {task} models; use {choices}")
-    wanted = "maximize" if promote.metric in HIGHER_IS_BETTER else "minimize"
+def check_metric_names(train: TrainConfig, promote: PromoteConfig, monitors: tuple[str, ...],
+                       metrics: tuple[str, ...]) -> None:
+    """Refuse a monitor or promotion metric the family does not compute, and a direction that
+    would promote the worse model: a ValueError `key: message (got value)`."""
+    from ratchet.families.base import monitor_mode
+
+    if train.monitor not in monitors:
+        raise ValueError(f"train.monitor: this family computes {', '.join(monitors)} (got {train.monitor!r})")
+    if promote.metric not in metrics:
+        raise ValueError(f"promote.metric: this family computes {', '.join(metrics)} (got {promote.metric!r})")
+    wanted = "maximize" if monitor_mode(promote.metric) == "max" else "minimize"
     if promote.direction != wanted:
         raise ValueError(f"promote.direction: {promote.metric} is {'higher' if wanted == 'maximize' else 'lower'}"
-                         f"-is-better; set {wanted}")
+                         f"-is-better; set {wanted} (got {promote.direction!r})")

@@ -7,14 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig, check_task
+from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig
 from ratchet.config.models import ImageModelConfig
 
 
 class ImageData(Section):
-    root: ProjectPath = Field(description="the dataset's folder (DVC tracks it as the prepare stage's input)")
-    train: Path = Field(Path("."), description="ImageFolder tree of training images, relative to root")
-    test: Path | None = Field(None, description="ImageFolder tree of test images, relative to root; "
+    source: ProjectPath = Field(description="the dataset's folder (DVC tracks it as the prepare stage's input)")
+    train: Path = Field(Path("."), description="ImageFolder tree of training images, relative to source")
+    test: Path | None = Field(None, description="ImageFolder tree of test images, relative to source; "
                                                 "null: split the test images off the training tree")
     channels: Literal["rgb", "grayscale"] = Field("rgb", description="colour mode every image is converted to")
     size: tuple[Annotated[int, Field(ge=8, le=4096)], Annotated[int, Field(ge=8, le=4096)]] = Field(
@@ -61,8 +61,3 @@ class ImagePipeline(Section):
     train: TrainConfig
     evaluate: EvaluateConfig
     promote: PromoteConfig
-
-    @model_validator(mode="after")
-    def _task(self) -> ImagePipeline:
-        check_task(self.train, self.promote, "classification")
-        return self

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig, check_task
+from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig
 from ratchet.config.models import SequenceModelConfig
 
 
@@ -73,5 +73,4 @@ class SequencePipeline(Section):
         if period is not None and period > self.window.input:
             raise ValueError(f"evaluate.seasonal_period {period} is longer than window.input {self.window.input}: "
                              "the seasonal-naive forecast needs a whole season inside the window")
-        check_task(self.train, self.promote, "forecast")
         return self

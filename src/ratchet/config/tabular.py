@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig, check_task
+from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig
 from ratchet.config.models import MLPConfig
 
 
@@ -39,5 +39,4 @@ class TabularPipeline(Section):
     def _fractions(self) -> TabularPipeline:
         if self.prepare.val_fraction + self.prepare.test_fraction >= 0.8:
             raise ValueError("prepare.val_fraction + prepare.test_fraction must leave at least 20% for training")
-        check_task(self.train, self.promote, "classification")
         return self

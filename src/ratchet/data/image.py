@@ -37,14 +37,14 @@ CHUNK = 4096  # images per block when copying and computing statistics (bounded 
 def prepare(cfg: ImagePipeline) -> dict:
     """Scan, decode once, split and write the prepared arrays; return meta.json's content."""
     data = cfg.data
-    train_dir = data.root / data.train
+    train_dir = data.source / data.train
     classes, train_files = scan_tree(train_dir)
     test_files: list[tuple[Path, int]] = []
     if data.test is not None:
-        test_classes, found = scan_tree(data.root / data.test)
+        test_classes, found = scan_tree(data.source / data.test)
         unknown = sorted(set(test_classes) - set(classes))
         if unknown:
-            raise RatchetError(f"{data.root / data.test}: class folder '{unknown[0]}' is not a class of the "
+            raise RatchetError(f"{data.source / data.test}: class folder '{unknown[0]}' is not a class of the "
                                f"training tree {train_dir} (classes: {', '.join(classes)})")
         index = {name: i for i, name in enumerate(classes)}
         test_files = [(path, index[test_classes[c]]) for path, c in found]
@@ -55,9 +55,9 @@ def prepare(cfg: ImagePipeline) -> dict:
         decoded = np.lib.format.open_memmap(writer.tmp / "decoded.tmp", mode="w+", dtype=np.uint8,
                                             shape=(len(files), channels, height, width))
         ok = decode_all([p for p, _ in files], decoded, MODES[data.channels], (width, height), data.on_bad_image,
-                        data.root)
+                        data.source)
         labels = np.array([c for _, c in files], dtype=np.int64)
-        paths = np.array([_relative(p, data.root) for p, _ in files])
+        paths = np.array([_relative(p, data.source) for p, _ in files])
         n_train = len(train_files)
         if data.test is None:
             held_out = {"test": cfg.prepare.test_fraction, "val": cfg.prepare.val_fraction}
@@ -71,7 +71,7 @@ def prepare(cfg: ImagePipeline) -> dict:
         if data.test is not None:
             parts["test"] = n_train + np.flatnonzero(ok[n_train:])
             if not len(parts["test"]):
-                raise RatchetError(f"{data.root / data.test}: no decodable test images")
+                raise RatchetError(f"{data.source / data.test}: no decodable test images")
 
         parts = {split: parts[split] for split in ("train", "val", "test")}
         for split, idx in parts.items():
@@ -88,8 +88,8 @@ def prepare(cfg: ImagePipeline) -> dict:
         skipped = paths[~ok].tolist()
         meta = writer.finish({
             "family": "image",
-            "task": "classification",
-            "id": "file",  # <split>_ids: image paths relative to data.root
+            "source": str(data.source),
+            "id": "file",  # <split>_ids: image paths relative to data.source
             "serving_input": "test_x",  # what a registered model takes: uint8 images, N x C x H x W
             "channels": data.channels,
             "size": [height, width],

@@ -27,10 +27,11 @@ META = "meta.json"
 
 @dataclass(frozen=True)
 class Prepared:
-    """Prepared arrays (memory-mapped) and their description."""
+    """Prepared arrays (memory-mapped) and their description: the family's typed meta record
+    (ratchet.families.<family>.<Family>.Meta)."""
 
     dir: Path
-    meta: dict
+    meta: object
 
     def array(self, name: str) -> np.ndarray:
         path = self.dir / f"{name}.npy"
@@ -104,13 +105,23 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_prepared(prepared_dir: Path) -> Prepared:
-    """Open a prepared directory; a clear error if prepare has not run."""
+def load_prepared(prepared_dir: Path, meta_type) -> Prepared:
+    """Open a prepared directory whose meta.json is a `meta_type` record (a pydantic model);
+    a clear error if prepare has not run, or wrote it for another family or an older version."""
+    from pydantic import ValidationError
+
     prepared_dir = Path(prepared_dir)
     meta_path = prepared_dir / META
     if not meta_path.is_file():
         raise RatchetError(f"{prepared_dir}: no prepared data (missing {META}); run the prepare stage first")
-    return Prepared(dir=prepared_dir, meta=json.loads(meta_path.read_text()))
+    try:
+        meta = meta_type.model_validate_json(meta_path.read_text())
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise RatchetError(f"{meta_path}: not what this family's prepare writes ({where}: {err['msg']}); "
+                           "run the prepare stage again") from None
+    return Prepared(dir=prepared_dir, meta=meta)
 
 
 def write_json(path: Path, content: dict) -> None:

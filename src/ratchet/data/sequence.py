@@ -57,7 +57,6 @@ def prepare(cfg) -> dict:
         arrays[f"{split}_time"] = part.index.to_numpy("datetime64[ns]").astype(np.int64)
     meta = {
         "family": "sequence",
-        "task": "forecast",
         "source": str(data.source),
         "test_source": None if data.test is None else str(data.test),
         "timestamp": data.timestamp,

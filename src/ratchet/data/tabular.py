@@ -53,7 +53,6 @@ def prepare(cfg: TabularPipeline) -> dict:
     arrays["test_x_raw"] = x_raw[parts["test"]]
     meta = {
         "family": "tabular",
-        "task": "classification",
         "id": "row",  # <split>_ids: 0-based data-row numbers of the CSV
         "serving_input": "test_x_raw",  # what a registered model takes: raw features, NaN included
         "source": str(source),

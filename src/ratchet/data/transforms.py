@@ -45,11 +45,6 @@ class Normalize:
         return TF.normalize(x, self.mean, self.std).contiguous(memory_format=torch.channels_last)
 
 
-def memory_format(meta: dict) -> torch.memory_format:
-    """The layout for a network on this data: channels-last for images, the default otherwise."""
-    return torch.channels_last if meta["family"] == "image" else torch.contiguous_format
-
-
 class BatchAugment:
     """Random flips, affine changes, autocontrast and noise, drawn per image; see the module doc."""
 
@@ -123,17 +118,6 @@ class Compose:
         for step in self.steps:
             x = step(x)
         return x
-
-
-def batch_transforms(cfg, meta: dict, device: torch.device) -> tuple[Compose | None, Compose | None]:
-    """(training transform, evaluation transform) for a pipeline; None where batches are used as
-    stored (tabular arrays are standardised by prepare)."""
-    if meta["family"] != "image":
-        return None, None
-    normalize = Normalize(meta["mean"], meta["std"])
-    augment = BatchAugment(cfg.augment, cfg.seed, device)
-    train = Compose(ToUnitFloat(), augment, normalize) if augment.active else Compose(ToUnitFloat(), normalize)
-    return train, Compose(ToUnitFloat(), normalize)
 
 
 def augmentation_preview(images: torch.Tensor, cfg: AugmentConfig, seed: int, draws: int = 3) -> torch.Tensor:

@@ -1,28 +1,12 @@
-"""The loss and torchmetrics collections per task; metric states sync across processes on compute()."""
+"""torchmetrics collections for classifiers; metric states sync across processes on compute()."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torchmetrics import ConfusionMatrix, MeanAbsoluteError, MeanSquaredError, MetricCollection
+from torchmetrics import ConfusionMatrix, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 AVERAGES = ("micro", "macro", "weighted")
-
-
-def task(meta: dict) -> str:
-    """'forecast' for series (regression), 'classification' for everything else."""
-    return "forecast" if meta["family"] == "sequence" else "classification"
-
-
-def objective(meta: dict, device: torch.device) -> tuple[nn.Module, MetricCollection]:
-    """(training loss, per-epoch validation metrics) for the prepared data described by `meta`:
-    cross-entropy with accuracy and macro-F1 for classes; mean squared error with MAE and RMSE
-    (in scaled units) for forecasts."""
-    if task(meta) == "forecast":
-        metrics = MetricCollection({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False)})
-        return nn.MSELoss(), metrics.to(device)
-    return nn.CrossEntropyLoss(), validation_metrics(len(meta["classes"]), device)
 
 
 def validation_metrics(num_classes: int, device: torch.device) -> MetricCollection:

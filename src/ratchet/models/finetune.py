@@ -16,6 +16,7 @@ them in eval mode).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,18 +27,16 @@ from ratchet.errors import RatchetError
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 
 
-def load_initial_weights(net: nn.Module, source: str, model_name: str, root: Path) -> list[str]:
-    """Copy matching weights from `source` into `net`; return the names left as initialised."""
+def load_initial_weights(net: nn.Module, source: str, model_name: str, root: Path,
+                         check: Callable[[dict], None] = lambda saved_model_cfg: None) -> list[str]:
+    """Copy matching weights from `source` into `net`; return the names left as initialised.
+    `check(saved model config)` refuses weights that load but mean something else (the
+    family's `check_init_from`)."""
     saved = _read(source, root)
     saved_name = saved.get("config", {}).get("model", {}).get("name")
     if saved_name is not None and saved_name != model_name:
         raise RatchetError(f"train.init_from {source}: it is a '{saved_name}' model; model.name is '{model_name}'")
-    if hasattr(net, "residual"):  # a forecaster's head reads as levels, or as changes from the last value
-        saved_residual = bool(saved.get("config", {}).get("model", {}).get("residual", False))
-        if saved_residual != net.residual:
-            raise RatchetError(f"train.init_from {source}: it was trained with model.residual "
-                               f"{str(saved_residual).lower()}; model.residual is {str(net.residual).lower()} "
-                               "(its head would be read as the other kind of forecast)")
+    check(saved.get("config", {}).get("model", {}))
     own = net.state_dict()
     matching = {k: v for k, v in saved["model"].items() if k in own and own[k].shape == v.shape}
     if not any(k in matching for k, _ in net.named_parameters()):

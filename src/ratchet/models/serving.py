@@ -1,4 +1,6 @@
-"""The model as it is logged and registered: preprocessing baked in, raw inputs in.
+"""Preprocessing layers of the model as it is logged and registered: raw inputs in.
+
+Each family's `serving_model` hook puts its network behind the layers its data needs.
 
 The promotion gate re-scores the champion on the current test split. A champion trained on
 other preprocessing statistics must still see its own, so every registered model carries
@@ -10,7 +12,6 @@ forecaster takes windows (N, input steps, features) in original units and return
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -51,44 +52,3 @@ class Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale + self.offset if self.inverse else (x - self.offset) / self.scale
-
-
-def serving_model(net: nn.Module, meta: dict) -> nn.Module:
-    """Wrap a trained network with the preprocessing described in prepared `meta`."""
-    if meta["family"] == "tabular":
-        return nn.Sequential(TabularPreprocess(meta["fill"], meta["mean"], meta["std"]), net).eval()
-    if meta["family"] == "image":
-        return nn.Sequential(ImagePreprocess(meta["mean"], meta["std"]), net).eval()
-    if meta["family"] == "sequence":
-        t = meta["target_index"]
-        return nn.Sequential(Scale(meta["offset"], meta["scale"]), net,
-                             Scale(meta["offset"][t], meta["scale"][t], inverse=True)).eval()
-    raise ValueError(f"no serving wrapper for family {meta['family']!r}")
-
-
-def example_input(meta: dict) -> np.ndarray:
-    """Two valid raw inputs (for the logged signature and input example)."""
-    if meta["family"] == "tabular":
-        return np.array([meta["mean"], meta["fill"]], dtype=np.float32)
-    if meta["family"] == "image":  # a black image and one of the training mean colour
-        mean = np.round(np.array(meta["mean"]) * 255).astype(np.uint8)
-        flat = np.broadcast_to(mean[:, None, None], meta["input_shape"])
-        return np.stack([np.zeros(meta["input_shape"], np.uint8), flat])
-    if meta["family"] == "sequence":  # the training mean, and one scale above it
-        offset, scale = np.array(meta["offset"]), np.array(meta["scale"])
-        return np.stack([np.broadcast_to(v, meta["input_shape"]) for v in (offset, offset + scale)]).astype(np.float32)
-    raise ValueError(f"no example input for family {meta['family']!r}")
-
-
-def input_description(meta: dict) -> str:
-    """What the served model takes, compared before scoring a champion on this data."""
-    if meta["family"] == "tabular":
-        return "features: " + ", ".join(meta["features"])
-    if meta["family"] == "image":
-        c, h, w = meta["input_shape"]
-        return f"images: uint8 {c}x{h}x{w} ({meta['channels']}); classes: " + ", ".join(meta["classes"])
-    if meta["family"] == "sequence":
-        steps, features = meta["input_shape"]
-        return (f"windows: float32 {steps}x{features} ({', '.join(meta['inputs'])}) every {meta['frequency']}; "
-                f"forecast: {meta['window']['horizon']} steps of {meta['target']}")
-    raise ValueError(f"no input description for family {meta['family']!r}")

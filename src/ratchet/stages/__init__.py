@@ -1,1 +1,12 @@
-"""Thin entry points that dvc.yaml and the Prefect flow call: `ratchet <stage> <pipeline>`."""
+"""Thin entry points that dvc.yaml and the Prefect flow call: `ratchet <step> <pipeline>`.
+
+dvc.yaml defines each step once over every pipeline in params.yaml (`foreach`), so DVC names a
+pipeline's stage `<step>@<pipeline>`; `stage_name` is the one place that spells it.
+"""
+
+STEPS = ("prepare", "train", "evaluate", "promote")
+
+
+def stage_name(step: str, pipeline: str) -> str:
+    """The DVC stage of `step` for `pipeline`, e.g. `train@tabular`."""
+    return f"{step}@{pipeline}"

@@ -1,23 +1,20 @@
 """Prepare a pipeline's data: `ratchet prepare tabular`.
 
-Reads `<pipeline>.data`, validates it, splits it by `<pipeline>.seed`, fits preprocessing on
-the training split only and writes `<pipeline>.prepare.out_dir` (arrays + meta.json).
+Reads `pipelines.<name>.data`, validates it, splits it by the pipeline's seed, fits
+preprocessing on the training split only and writes `prepare.out_dir` (arrays + meta.json):
+all of it the family's `prepare` (ratchet/families/<family>.py).
 """
 
 from __future__ import annotations
 
 from ratchet.config import Params
-from ratchet.data import PREPARERS
+from ratchet.families import get_family
 
 
-def run(params: Params, name: str) -> dict:
+def run(params: Params, name: str):
     cfg = params.pipeline(name)
-    meta = PREPARERS[cfg.family](cfg)
-    rows = ", ".join(f"{split} {n}" for split, n in meta["rows"].items())
-    if "classes" in meta:
-        what = f"{len(meta['classes'])} classes"
-    else:
-        what = (f"{', '.join(f'{s} {n}' for s, n in meta['windows'].items())} windows of "
-                f"{meta['window']['input']} -> {meta['window']['horizon']} steps every {meta['frequency']}")
-    print(f"prepared {name}: {rows} rows, {what} -> {cfg.prepare.out_dir}")
+    family = get_family(cfg.family)
+    meta = family.prepare(cfg)
+    rows = ", ".join(f"{split} {n}" for split, n in meta.rows.items())
+    print(f"prepared {name}: {rows} rows, {family.describe(meta)} -> {cfg.prepare.out_dir}")
     return meta

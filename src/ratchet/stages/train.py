@@ -28,20 +28,16 @@ import warnings
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
-from ratchet.config import Params, PipelineConfig, config_hash, monitor_mode
-from ratchet.data import samples
-from ratchet.data.prepared import Prepared, load_prepared, replace_dir
-from ratchet.data.transforms import augmentation_preview, batch_transforms, memory_format
-from ratchet.evaluate.metrics import objective
+from ratchet.config import Params, PipelineConfig, config_hash
+from ratchet.data.prepared import Prepared, replace_dir
 from ratchet.evaluate.plots import curves_png
-from ratchet.models import build_model, count_parameters
+from ratchet.families import Family, get_family, monitor_mode
+from ratchet.models import count_parameters
 from ratchet.models.finetune import freeze, load_initial_weights
-from ratchet.models.serving import example_input, input_description, serving_model
 from ratchet.tracking.registry import FEATURES_TAG, champion_version, check_comparable, register
 from ratchet.tracking.lineage import lineage_tags
 from ratchet.tracking.runs import RUN_FILE, flatten, mark_killed, numeric, training_run, use_tracking
@@ -58,40 +54,45 @@ HISTORY_FILE = "history.csv"
 def run(params: Params, name: str) -> dict:
     """Train pipeline `name`; return the best epoch's validation metrics."""
     cfg = params.pipeline(name)
-    prepared = load_prepared(cfg.prepare.out_dir)
+    family = get_family(cfg.family)
+    prepared = family.load(cfg.prepare.out_dir)
     if cfg.train.nproc > 1 and not under_torchrun():
-        _check_registry(params, cfg, prepared.meta)  # fail here, before any process starts
+        _check_registry(params, cfg, family, prepared.meta)  # fail here, before any process starts
         launch(cfg.train.nproc, "train", name, str(params.file))
         return json.loads((cfg.train.out_dir / RUN_FILE).read_text())["metrics"]
     with distributed(cfg.train.device) as dist:
-        return _train(params, name, cfg, prepared, dist)
+        return _train(params, name, cfg, family, prepared, dist)
 
 
-def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, dist: DistInfo) -> dict:
+def _train(params: Params, name: str, cfg: PipelineConfig, family: Family, prepared: Prepared,
+           dist: DistInfo) -> dict:
     started = time.perf_counter()
     meta = prepared.meta
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    net = build_model(cfg.model, meta)
-    fresh = load_initial_weights(net, cfg.train.init_from, cfg.model.name, params.root) if cfg.train.init_from else []
+    net = family.new_model(cfg.model, meta)
+    fresh = load_initial_weights(
+        net, cfg.train.init_from, cfg.model.name, params.root,
+        check=lambda saved: family.check_init_from(saved, cfg, cfg.train.init_from),
+    ) if cfg.train.init_from else []
     frozen = freeze(net, cfg.train.freeze)
     if dist.distributed and cfg.train.sync_batchnorm:
         net = sync_batchnorm(net, dist.device)
-    net.to(dist.device, memory_format=memory_format(meta))
+    net.to(dist.device, memory_format=family.memory_format(meta))
     optimizer = build_optimizer(cfg.train.optimizer, net)
     mode = monitor_mode(cfg.train.monitor)
     scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs, mode)
-    train_transform, eval_transform = batch_transforms(cfg, meta, dist.device)
-    train_loader = BatchLoader(samples(prepared, "train"), cfg.train.batch_size // dist.world_size, dist,
+    train_transform, eval_transform = family.transforms(cfg, meta, dist.device)
+    train_loader = BatchLoader(family.samples(prepared, "train"), cfg.train.batch_size // dist.world_size, dist,
                                train=True, seed=cfg.seed, transform=train_transform)
-    val_loader = BatchLoader(samples(prepared, "val"), cfg.evaluate.batch_size, dist, train=False,
+    val_loader = BatchLoader(family.samples(prepared, "val"), cfg.evaluate.batch_size, dist, train=False,
                              transform=eval_transform)
     chash = config_hash(cfg.model, cfg.train.model_dump(mode="json", exclude={"out_dir", "checkpoint"}),
-                        cfg.seed, meta["data_hash"])
+                        cfg.seed, meta.data_hash)
     state = _resumable(cfg.train.checkpoint, chash, dist)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout draws differ between processes
 
     if dist.is_main:
-        _check_registry(params, cfg, meta)
+        _check_registry(params, cfg, family, meta)
         tags = {"ratchet.pipeline": name, "ratchet.family": cfg.family,
                 **lineage_tags(params.root, meta, [cfg.prepare.out_dir])}
         run_ctx = training_run(name, params.root, run_id=state["run_id"] if state else None, tags=tags)
@@ -106,9 +107,8 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
                 mlflow.set_tag("ratchet.init_from", cfg.train.init_from)
                 print(f"initialised from {cfg.train.init_from}; fresh: {', '.join(fresh) or 'none'}; "
                       f"{frozen} parameters frozen")
-            if meta["family"] == "image":
-                _log_augmentation_preview(cfg, prepared)
-        loss_fn, val_metrics = objective(meta, dist.device)
+            family.on_train_start(cfg, prepared)
+        loss_fn, val_metrics = family.objective(cfg, meta, dist.device)
         trainer = Trainer(
             net, optimizer, scheduler, loss_fn, train_loader, val_loader, val_metrics, dist, cfg.train,
             checkpoint_path=cfg.train.checkpoint,
@@ -123,7 +123,7 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
         result = trainer.fit()
         fit_seconds = time.perf_counter() - fit_started
         if dist.is_main:
-            _write_outputs(cfg, name, net, meta, trainer.history, result, run_id,
+            _write_outputs(cfg, name, family, net, meta, trainer.history, result, run_id,
                            {"fit_seconds": fit_seconds, "startup_seconds": fit_started - started})
     if dist.is_main:
         cfg.train.checkpoint.unlink(missing_ok=True)
@@ -133,24 +133,12 @@ def _train(params: Params, name: str, cfg: PipelineConfig, prepared: Prepared, d
     return result
 
 
-def _check_registry(params: Params, cfg: PipelineConfig, meta: dict) -> None:
+def _check_registry(params: Params, cfg: PipelineConfig, family: Family, meta) -> None:
     """Refuse to train a model that could not be compared with the registered champion."""
     use_tracking(params.root)
     champion = champion_version(MlflowClient(), cfg.promote.registered_model)
     if champion is not None:
-        check_comparable(champion, input_description(meta), cfg.promote.registered_model)
-
-
-def _log_augmentation_preview(cfg: PipelineConfig, prepared: Prepared) -> None:
-    """A PNG grid in MLflow: 8 training images as stored, then three augmented draws of each."""
-    from torchvision.utils import save_image
-
-    x = prepared.array("train_x")
-    images = torch.from_numpy(np.array(x[np.linspace(0, len(x) - 1, min(8, len(x))).astype(int)]))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "augmented_samples.png"
-        save_image(augmentation_preview(images, cfg.augment, cfg.seed), path)
-        mlflow.log_artifact(str(path), "plots")
+        check_comparable(champion, family.input_description(meta), cfg.promote.registered_model)
 
 
 def _resumable(path: Path, chash: str, dist: DistInfo) -> dict | None:
@@ -167,7 +155,7 @@ def _resumable(path: Path, chash: str, dist: DistInfo) -> dict | None:
     return None
 
 
-def _write_outputs(cfg: PipelineConfig, name: str, net: torch.nn.Module, meta: dict, history: list[dict],
+def _write_outputs(cfg: PipelineConfig, name: str, family: Family, net: torch.nn.Module, meta, history: list[dict],
                    result: dict, run_id: str, timings: dict) -> None:
     """Log the model and files to MLflow, then swap the complete output directory into place."""
     logging_started = time.perf_counter()
@@ -175,9 +163,9 @@ def _write_outputs(cfg: PipelineConfig, name: str, net: torch.nn.Module, meta: d
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        plain = build_model(cfg.model, meta)  # plain BatchNorm, CPU: what evaluate and serving load
+        plain = family.new_model(cfg.model, meta)  # plain BatchNorm, CPU: what evaluate and serving load
         plain.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
-        torch.save({"model": plain.state_dict(), "config": cfg.model_dump(mode="json"), "meta": meta,
+        torch.save({"model": plain.state_dict(), "config": cfg.model_dump(mode="json"), "meta": meta.model_dump(),
                     "run_id": run_id, "metrics": result}, tmp / MODEL_FILE)
         with open(tmp / HISTORY_FILE, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(history[0]))
@@ -188,8 +176,8 @@ def _write_outputs(cfg: PipelineConfig, name: str, net: torch.nn.Module, meta: d
         mlflow.log_artifact(str(tmp / MODEL_FILE), "checkpoint")
         mlflow.log_artifact(str(tmp / HISTORY_FILE), "training")
         mlflow.log_artifact(str(tmp / "curves.png"), "plots")
-        served = serving_model(plain, meta)
-        example = example_input(meta)
+        served = family.serving_model(plain, meta)
+        example = family.example_input(meta)
         with warnings.catch_warnings():  # torch.export's note on RNN weight attributes: harmless here
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             info = mlflow.pytorch.log_model(
@@ -198,7 +186,7 @@ def _write_outputs(cfg: PipelineConfig, name: str, net: torch.nn.Module, meta: d
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
         version = register(MlflowClient(), cfg.promote.registered_model, info.model_uri, run_id, {
-            FEATURES_TAG: input_description(meta), "ratchet.pipeline": name, "ratchet.data.hash": meta["data_hash"],
+            FEATURES_TAG: family.input_description(meta), "ratchet.pipeline": name, "ratchet.data.hash": meta.data_hash,
         })
         mlflow.set_tag("ratchet.registered_version", str(version.version))
         timings["logging_seconds"] = time.perf_counter() - logging_started

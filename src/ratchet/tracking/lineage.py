@@ -51,13 +51,14 @@ def dvc_lock_hashes(root: Path, paths: list[Path]) -> dict[str, str]:
     return {rel: recorded[rel] for rel in wanted if recorded.get(rel)}
 
 
-def lineage_tags(root: Path, meta: dict, dvc_deps: list[Path]) -> dict[str, str]:
+def lineage_tags(root: Path, meta, dvc_deps: list[Path]) -> dict[str, str]:
+    """Tags tying a run to its code (git), data (`meta`: the prepared data's record) and DVC."""
     git = git_state(root)
     tags = {
         "ratchet.git.commit": git["commit"],
         "ratchet.git.dirty": git["dirty"],
-        "ratchet.data.hash": meta["data_hash"],
-        "ratchet.data.source": meta.get("source", ""),
+        "ratchet.data.hash": meta.data_hash,
+        "ratchet.data.source": meta.source,
     }
     for rel, md5 in dvc_lock_hashes(root, dvc_deps).items():
         tags[f"ratchet.dvc.{rel}"] = md5

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
 from ratchet.errors import RatchetError
+from ratchet.stages import stage_name
 
 RUN_FILE = "run.json"
 
@@ -115,7 +116,7 @@ def tracked_run(out_dir: Path, root: Path, pipeline: str) -> dict:
     use_tracking(root)
     client = MlflowClient()
     where = f"{Path(out_dir) / RUN_FILE}: MLflow run {run_info['run_id']}"
-    retrain = f"train again with `dvc repro --force {pipeline}_train`"
+    retrain = f"train again with `dvc repro --force {stage_name('train', pipeline)}`"
     try:
         client.get_run(run_info["run_id"])
         if run_info.get("registered_model") and run_info.get("version") is not None:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
-from ratchet.errors import RatchetError
+from ratchet.errors import RatchetError, StageFailed
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ def launch(nproc: int, stage: str, pipeline: str, params_file: str) -> None:
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     code = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}).returncode
     if code != 0:
-        raise RatchetError(f"{stage} {pipeline} under torchrun failed (exit code {code}); see the log above")
+        # A worker's own error (bad data, params) was printed above as `error: ...`; this line
+        # alone means a process died (killed, out of memory), which a retry may fix.
+        raise StageFailed(f"{stage} {pipeline} under torchrun failed (exit code {code}); see the log above")
 
 
 def resolve_device(preference: str, local_rank: int) -> torch.device:

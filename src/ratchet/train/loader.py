@@ -3,12 +3,13 @@
 The course's DataLoader calls `__getitem__` once per sample and collates the rows, which
 costs far more than a small model's forward pass. Here a batch is `tensor[indices]`.
 
-The arrays may also be windows over a series (ratchet.data.windows): views that are gathered
-the same way, a batch at a time. Arrays that fit the preload budget (a quarter of the machine's memory, shared by the local
+The samples are `(inputs, targets)`, each an array or a tuple/list/dict of arrays (several
+inputs, several heads: see train/batch.py); every leaf is gathered by the same indices. A leaf
+may also be windows over a series (ratchet.data.windows): views gathered the same way. Arrays that fit the preload budget (a quarter of the machine's memory, shared by the local
 processes) are loaded once, onto the training device; larger ones stay memory-mapped and each
 batch is read from disk by a background thread while the previous one trains. Either way the
 batches are the same. An optional `transform` (augmentation, normalisation) is applied to the
-first array's batch on the device.
+batch's inputs (its first element) on the device.
 
 Training order comes from torch's `DistributedSampler` (shuffled by seed, `set_epoch` every
 epoch, padded so every process runs the same number of steps). Evaluation shards without
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
+from ratchet.train.batch import leaves, tree_map
 from ratchet.train.distributed import DistInfo
 
 
@@ -40,7 +42,7 @@ def default_preload_bytes(local_processes: int = 1) -> int:
 class BatchLoader:
     def __init__(
         self,
-        arrays: Sequence[np.ndarray | torch.Tensor],
+        samples: Sequence,
         batch_size: int,
         dist: DistInfo,
         *,
@@ -49,17 +51,23 @@ class BatchLoader:
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         preload_bytes: int | None = None,
     ):
-        """`batch_size` is per process; `train` selects shuffled+padded vs in-order+unpadded."""
+        """`samples` is a tuple, usually `(inputs, targets)`, whose leaves all have one row per
+        sample; `batch_size` is per process; `train` selects shuffled+padded vs
+        in-order+unpadded."""
         budget = default_preload_bytes(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if preload_bytes is None \
             else preload_bytes
-        size = sum(a.element_size() * a.nelement() if isinstance(a, torch.Tensor) else a.nbytes for a in arrays)
+        samples = tuple(samples)
+        size = sum(a.element_size() * a.nelement() if isinstance(a, torch.Tensor) else a.nbytes
+                   for a in leaves(samples))
         self.streaming = size > budget
         if self.streaming:
-            self.arrays = [a.numpy() if isinstance(a, torch.Tensor) else a for a in arrays]
+            self.arrays = tree_map(lambda a: a.numpy() if isinstance(a, torch.Tensor) else a, samples)
             self.tensors = None
         else:
-            self.tensors = [_tensor(a).to(dist.device) for a in arrays]
-        self.n = len(arrays[0])
+            self.tensors = tree_map(lambda a: _tensor(a).to(dist.device), samples)
+        self.n = len(leaves(samples)[0])
+        if any(len(leaf) != self.n for leaf in leaves(samples)):
+            raise ValueError(f"samples of unequal length: {[len(leaf) for leaf in leaves(samples)]}")
         self.batch_size = batch_size
         self.dist = dist
         self.train = train
@@ -102,7 +110,7 @@ class BatchLoader:
         idx = self.indices().to(self.dist.device)
         for start in range(0, len(idx), self.batch_size):
             batch = idx[start : start + self.batch_size]
-            yield batch, tuple(t.index_select(0, batch) for t in self.tensors)
+            yield batch, tree_map(lambda t: t.index_select(0, batch), self.tensors)
 
     def _stream(self) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         """Read batches from the memory-mapped arrays, one batch ahead on a background thread."""
@@ -110,12 +118,12 @@ class BatchLoader:
         starts = range(0, len(idx), self.batch_size)
         pin = self.dist.device.type == "cuda"
 
-        def read(start: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        def read(start: int) -> tuple[torch.Tensor, tuple]:
             batch = idx[start : start + self.batch_size]
             rows = batch.numpy()
-            tensors = [torch.from_numpy(np.ascontiguousarray(a[rows])) if isinstance(a, np.ndarray) else a[rows]
-                       for a in self.arrays]
-            return batch, [t.pin_memory() if pin else t for t in tensors]
+            tensors = tree_map(lambda a: torch.from_numpy(np.ascontiguousarray(a[rows])) if isinstance(a, np.ndarray)
+                               else a[rows], self.arrays)
+            return batch, tree_map(lambda t: t.pin_memory() if pin else t, tensors)
 
         with ThreadPoolExecutor(1) as reader:
             pending = reader.submit(read, starts[0]) if len(starts) else None
@@ -124,7 +132,7 @@ class BatchLoader:
                 if i + 1 < len(starts):
                     pending = reader.submit(read, starts[i + 1])
                 device = self.dist.device
-                yield batch.to(device), tuple(t.to(device, non_blocking=pin) for t in tensors)
+                yield batch.to(device), tree_map(lambda t: t.to(device, non_blocking=pin), tensors)
 
 
 def _tensor(array):

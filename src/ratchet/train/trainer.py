@@ -4,6 +4,12 @@
 Model, optimizer, scheduler, loss and loaders are passed in; the trainer knows nothing of
 MLflow or files beyond its checkpoint. Per-epoch records go to `on_epoch_end` (rank 0 logs
 them). Losses and metrics are reduced over all processes before anyone sees them.
+
+Batches are structured (train/batch.py): `(inputs, targets)`, each a tensor or a tuple/dict of
+tensors, so a model may take several inputs and predict several heads. A loss may return
+`(total, {head: loss})`: the total is minimised, and every part is logged per epoch as
+`train_loss_<head>` and `val_loss_<head>`. Validation metrics may be one collection, or one
+per head (torchmetrics' `MultitaskWrapper`), logged as `val_<head>_<metric>`.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from tqdm.auto import tqdm
 
-from ratchet.config import TrainConfig, monitor_mode
+from ratchet.config import TrainConfig
 from ratchet.errors import RatchetError
+from ratchet.families.base import monitor_mode
+from ratchet.train.batch import batch_size, flatten_metrics, split_loss, tree_map
 from ratchet.train.checkpoint import save_checkpoint
 from ratchet.train.distributed import DistInfo, all_gather_objects, all_reduce_sum
 from ratchet.train.early_stopping import EarlyStopping
@@ -66,18 +74,19 @@ class Trainer:
             return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _run_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _run_batch(self, inputs, targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with self._autocast():
-            loss = self.loss_fn(self.model(inputs), targets)
+            loss, parts = split_loss(self.loss_fn(self.model(inputs), targets))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        return loss.detach()
+        return loss.detach(), {name: part.detach() for name, part in parts.items()}
 
-    def _run_epoch(self, epoch: int) -> float:
-        """One pass over this process's shard; the mean training loss over all processes."""
+    def _run_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over this process's shard; the mean training loss (and its parts) over all
+        processes, each batch weighted by its number of samples."""
         self.model.train()
         for name in self.cfg.freeze:  # frozen layers keep their BatchNorm statistics too
             self.module.get_submodule(name).eval()
@@ -86,33 +95,46 @@ class Trainer:
         batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
                        disable=not self.dist.is_main, delay=2 if sys.stderr.isatty() else 30,
                        mininterval=0.1 if sys.stderr.isatty() else 30)
-        losses, sizes = [], []  # kept on the device: no host sync per step
+        losses: list[torch.Tensor] = []  # per batch [total, *parts], kept on the device: no host sync per step
+        names: list[str] = []
+        sizes: list[int] = []
         for inputs, targets in batches:
-            losses.append(self._run_batch(inputs, targets))
-            sizes.append(len(targets))
+            loss, parts = self._run_batch(inputs, targets)
+            names = list(parts)
+            losses.append(torch.stack([loss, *parts.values()]).float())
+            sizes.append(batch_size(targets))
         weights = torch.tensor(sizes, device=self.dist.device, dtype=torch.float32)
-        total = all_reduce_sum(torch.stack([(torch.stack(losses).float() * weights).sum(), weights.sum()]))
-        loss = (total[0] / total[1]).item()
+        sums = (torch.stack(losses) * weights[:, None]).sum(dim=0)
+        total = all_reduce_sum(torch.cat([sums, weights.sum().view(1)]))
+        means = (total[:-1] / total[-1]).tolist()
+        loss = means[0]
         if not math.isfinite(loss):
             raise RatchetError(f"training loss is {loss} in epoch {epoch + 1}: the model diverged "
                                "(lower train.optimizer.lr, set train.grad_clip, or check the data for NaN)")
-        return loss
+        return {"train_loss": loss, **{f"train_loss_{name}": value for name, value in zip(names, means[1:])}}
 
     @torch.no_grad()
     def _validate(self) -> dict[str, float]:
         """Validation loss and metrics over the whole split, each sample counted once."""
         self.module.eval()
         self.val_metrics.reset()
-        total = torch.zeros(2, device=self.dist.device)
+        sums: torch.Tensor | None = None  # [total, *parts] x samples, then the sample count
+        names: list[str] = []
         for inputs, targets in self.val_loader:
             with self._autocast():
-                outputs = self.module(inputs)
-            total[0] += self.loss_fn(outputs.float(), targets) * len(targets)
-            total[1] += len(targets)
-            self.val_metrics.update(outputs.float(), targets)
-        all_reduce_sum(total)
-        values = {f"val_{k}": float(v) for k, v in self.val_metrics.compute().items()}
-        return {"val_loss": (total[0] / total[1]).item(), **values}
+                outputs = tree_map(lambda t: t.float(), self.module(inputs))
+            loss, parts = split_loss(self.loss_fn(outputs, targets))
+            names, n = list(parts), batch_size(targets)
+            batch = torch.stack([loss.float() * n, *(p.float() * n for p in parts.values()),
+                                 torch.tensor(float(n), device=self.dist.device)])
+            sums = batch if sums is None else sums + batch
+            self.val_metrics.update(outputs, targets)
+        if sums is None:  # this process drew no validation sample (fewer samples than processes)
+            sums = torch.zeros(2, device=self.dist.device)
+        all_reduce_sum(sums)
+        means = (sums[:-1] / sums[-1]).tolist()
+        values = flatten_metrics(self.val_metrics.compute(), "val_")
+        return {"val_loss": means[0], **{f"val_loss_{name}": v for name, v in zip(names, means[1:])}, **values}
 
     def _save_checkpoint(self) -> None:
         """Every process contributes its RNG state; rank 0 writes the file."""
@@ -159,8 +181,7 @@ class Trainer:
             if stop:
                 break
             started = time.perf_counter()
-            train_loss = self._run_epoch(epoch)
-            record = {"epoch": epoch + 1, "train_loss": train_loss, **self._validate(),
+            record = {"epoch": epoch + 1, **self._run_epoch(epoch), **self._validate(),
                       "lr": self.optimizer.param_groups[0]["lr"]}
             step_scheduler(self.scheduler, record[self.cfg.monitor])
             stop = self.stopper.step(record[self.cfg.monitor], self.module, epoch + 1)

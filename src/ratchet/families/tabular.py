@@ -1,0 +1,67 @@
+"""The tabular family: a CSV with one label column -> an MLP classifier (binary or multiclass).
+
+Prepare (data/tabular.py) imputes and standardises with training-split statistics; the served
+model takes raw feature rows (NaN allowed) and applies them itself.
+"""
+
+from __future__ import annotations
+
+from ratchet.config.tabular import TabularPipeline
+from ratchet.families.classification import ClassificationMeta, ClassifierFamily
+
+
+class TabularMeta(ClassificationMeta):
+    label: str
+    features: list[str]
+    impute: str
+    fill: list[float]
+    mean: list[float]
+    std: list[float]
+
+
+class TabularFamily(ClassifierFamily):
+    name = "tabular"
+    schema = TabularPipeline
+    Meta = TabularMeta
+
+    def prepare(self, cfg: TabularPipeline) -> TabularMeta:
+        from ratchet.data.tabular import prepare
+
+        return TabularMeta.model_validate(prepare(cfg))
+
+    def transforms(self, cfg, meta, device):
+        return None, None  # prepare wrote standardised arrays
+
+    def memory_format(self, meta):
+        import torch
+
+        return torch.contiguous_format
+
+    def build_model(self, model_cfg, meta: TabularMeta):
+        from ratchet.models.mlp import MLP
+
+        return MLP(len(meta.features), len(meta.classes), model_cfg)
+
+    def on_train_start(self, cfg, prepared) -> None:
+        pass  # the params and the data hash say it all
+
+    def check_init_from(self, saved_model_cfg: dict, cfg, source: str) -> None:
+        pass  # matching shapes are the whole compatibility of an MLP
+
+    def serving_model(self, net, meta: TabularMeta):
+        from torch import nn
+
+        from ratchet.models.serving import TabularPreprocess
+
+        return nn.Sequential(TabularPreprocess(meta.fill, meta.mean, meta.std), net).eval()
+
+    def example_input(self, meta: TabularMeta):
+        import numpy as np
+
+        return np.array([meta.mean, meta.fill], dtype=np.float32)
+
+    def input_description(self, meta: TabularMeta) -> str:
+        return "features: " + ", ".join(meta.features)
+
+
+FAMILY = TabularFamily()
