@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ratchet.config.base import (  # noqa: F401  (re-exported: the sections every family shares)
     DemoConfig, EarlyStoppingConfig, EvaluateConfig, OptimizerConfig, PromoteConfig, SchedulerConfig,
-    Section, TrainConfig, check_metric_names,
+    Section, TrainConfig, check_metric_names, monitor_mode,
 )
 from ratchet.config.image import AugmentConfig, ImageData, ImagePipeline, ImagePrepare  # noqa: F401
 from ratchet.config.models import CNNConfig, LeNetConfig, MLPConfig, RNNConfig  # noqa: F401

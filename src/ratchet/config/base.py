@@ -92,12 +92,19 @@ class PromoteConfig(Section):
     out: ProjectPath = Field(description="promotion.json: the decision and its reason")
 
 
+LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse")
+
+
+def monitor_mode(name: str) -> str:
+    """'min' for losses and errors (a metric name ending in loss, mse, mae or rmse), 'max' for
+    everything else (accuracy, F1, precision, recall): the naming rule every family follows."""
+    return "min" if name.endswith(LOWER_IS_BETTER) else "max"
+
+
 def check_metric_names(train: TrainConfig, promote: PromoteConfig, monitors: tuple[str, ...],
                        metrics: tuple[str, ...]) -> None:
     """Refuse a monitor or promotion metric the family does not compute, and a direction that
     would promote the worse model: a ValueError `key: message (got value)`."""
-    from ratchet.families.base import monitor_mode
-
     if train.monitor not in monitors:
         raise ValueError(f"train.monitor: this family computes {', '.join(monitors)} (got {train.monitor!r})")
     if promote.metric not in metrics:

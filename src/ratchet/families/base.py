@@ -36,12 +36,7 @@ if TYPE_CHECKING:  # imported for annotations only: see the module doc
     from ratchet.data.prepared import Prepared
     from ratchet.train.distributed import DistInfo
 
-LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse")
-
-
-def monitor_mode(name: str) -> str:
-    """'min' for losses and errors (a name ending in loss, mse, mae or rmse), 'max' otherwise."""
-    return "min" if name.endswith(LOWER_IS_BETTER) else "max"
+from ratchet.config.base import monitor_mode  # noqa: F401  (re-exported: part of the contract)
 
 
 class PreparedMeta(BaseModel):

@@ -25,6 +25,7 @@ from ratchet.config import Params, PipelineConfig
 from ratchet.data.prepared import replace_dir
 from ratchet.errors import RatchetError
 from ratchet.families import Family, get_family
+from ratchet.stages import stage_name
 from ratchet.stages.train import HISTORY_FILE, MODEL_FILE
 from ratchet.tracking.runs import numeric, tracked_run, training_run, use_tracking
 from ratchet.train.distributed import distributed, launch, under_torchrun
@@ -35,7 +36,7 @@ def run(params: Params, name: str) -> dict:
     cfg = params.pipeline(name)
     family = get_family(cfg.family)
     prepared = family.load(cfg.prepare.out_dir)
-    run_info = tracked_run(cfg.train.out_dir, params.root, name)
+    run_info = tracked_run(cfg.train.out_dir, params.root, stage_name("train", name))
     if cfg.evaluate.nproc > 1 and not under_torchrun():
         launch(cfg.evaluate.nproc, "evaluate", name, str(params.file))
         return json.loads(cfg.evaluate.metrics.read_text())

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from ratchet.config import Params
 from ratchet.data.prepared import write_json
 from ratchet.families import Family, get_family
+from ratchet.stages import stage_name
 from ratchet.tracking.registry import Decision, champion_version, check_comparable, decide, record
 from ratchet.tracking.runs import tracked_run
 
@@ -24,7 +25,7 @@ def run(params: Params, name: str) -> dict:
     cfg = params.pipeline(name)
     family = get_family(cfg.family)
     prepared = family.load(cfg.prepare.out_dir)
-    run_info = tracked_run(cfg.train.out_dir, params.root, name)
+    run_info = tracked_run(cfg.train.out_dir, params.root, stage_name("train", name))
     meta, registered = prepared.meta, cfg.promote.registered_model
     x, y = family.gate_data(prepared)
     client = MlflowClient()

@@ -17,7 +17,6 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
 from ratchet.errors import RatchetError
-from ratchet.stages import stage_name
 
 RUN_FILE = "run.json"
 
@@ -108,15 +107,16 @@ def read_run_file(out_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def tracked_run(out_dir: Path, root: Path, pipeline: str) -> dict:
+def tracked_run(out_dir: Path, root: Path, train_stage: str) -> dict:
     """run.json of the trained model, once its MLflow run and registered version are known to the
     tracking store in use. A model restored by DVC (its cache, a `git checkout`) after mlflow.db
-    was deleted or replaced points at a run that store has never seen: say so in one line."""
+    was deleted or replaced points at a run that store has never seen: say so in one line,
+    naming `train_stage`, the DVC stage that trains it again."""
     run_info = read_run_file(out_dir)
     use_tracking(root)
     client = MlflowClient()
     where = f"{Path(out_dir) / RUN_FILE}: MLflow run {run_info['run_id']}"
-    retrain = f"train again with `dvc repro --force {stage_name('train', pipeline)}`"
+    retrain = f"train again with `dvc repro --force {train_stage}`"
     try:
         client.get_run(run_info["run_id"])
         if run_info.get("registered_model") and run_info.get("version") is not None:

@@ -27,9 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MetricCollection
 from tqdm.auto import tqdm
 
-from ratchet.config import TrainConfig
+from ratchet.config import TrainConfig, monitor_mode
 from ratchet.errors import RatchetError
-from ratchet.families.base import monitor_mode
 from ratchet.train.batch import batch_size, flatten_metrics, split_loss, tree_map
 from ratchet.train.checkpoint import save_checkpoint
 from ratchet.train.distributed import DistInfo, all_gather_objects, all_reduce_sum
