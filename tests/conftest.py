@@ -113,6 +113,55 @@ def tiny_image_section(source: str = "data/raw/images", **data) -> dict:
     }
 
 
+def make_group_tree(root: Path, groups: tuple[str, ...] = ("Alpha", "Beta"), per_group: int = 3, per_class: int = 6,
+                    seed: int = 0, size: tuple[int, int] = (20, 20)) -> Path:
+    """A two-level tree `<group>/<class>/<image>`, 1-bit PNGs like Omniglot's: each class its own
+    stroke pattern, each group its own stroke width; `character01` repeats in every group."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for g, group in enumerate(groups):
+        for c in range(per_group):
+            folder = root / group / f"character{c + 1:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = np.ones(size, dtype=bool)
+                width = 1 + 2 * g
+                if c % 3 == 0:
+                    pixels[size[0] // 2 : size[0] // 2 + width, 2:-2] = False
+                elif c % 3 == 1:
+                    pixels[2:-2, size[1] // 2 : size[1] // 2 + width] = False
+                else:
+                    for k in range(width):
+                        np.fill_diagonal(pixels[k:, :], False)
+                pixels ^= rng.random(size) < 0.03
+                Image.fromarray(pixels).convert("1").save(folder / f"{g}{c}_{i:02d}.png")
+    return root
+
+
+def tiny_multihead_section(source: str = "data/raw/groups", **model) -> dict:
+    """A small, fast `multihead` pipeline (multi-output: group and class heads) at 16x16."""
+    return {
+        "family": "multihead",
+        "seed": 7,
+        "data": {"source": source, "channels": "grayscale", "size": [16, 16]},
+        "prepare": {"out_dir": "data/prepared/multihead", "val_fraction": 0.2, "test_fraction": 0.25},
+        "augment": {"rotation": 10},
+        "model": {"name": "cnn", "inputs": ["image"], "heads": {"group": 0.3, "class": 1.0}, "channels": [4],
+                  "hidden": 16, **model},
+        "train": {
+            "out_dir": "models/multihead", "checkpoint": "checkpoints/multihead.pt",
+            "epochs": 3, "batch_size": 8, "device": "cpu", "monitor": "val_class_accuracy",
+            "optimizer": {"name": "adam", "lr": 0.01},
+            "early_stopping": {"patience": None},
+        },
+        "evaluate": {"out_dir": "reports/multihead/evaluation", "metrics": "reports/multihead/metrics.json",
+                     "plots": "reports/multihead/plots", "batch_size": 64},
+        "promote": {"registered_model": "multihead", "metric": "class.f1_macro",
+                    "out": "reports/multihead/promotion.json"},
+    }
+
+
 def make_series(path: Path, steps: int = 480, seed: int = 0, freq: str = "h") -> Path:
     """A learnable hourly series: `value` with a daily cycle, a weekly one and AR(1) noise, and
     a covariate `temp` it responds to."""
@@ -174,6 +223,7 @@ def tiny_params(source: str = "data/raw/table.csv", label: str = "label", **over
         },
         "image": tiny_image_section(),
         "sequence": tiny_sequence_section(),
+        "multihead": tiny_multihead_section(),
     }}
     for dotted, value in overrides.items():
         node = params if dotted.split(".")[0] in ("demo", "pipelines") else params["pipelines"]
@@ -228,6 +278,7 @@ def project(tmp_path: Path) -> Path:
     make_csv(tmp_path / "data/raw/table.csv")
     make_image_tree(tmp_path / "data/raw/images")
     make_series(tmp_path / "data/raw/series.csv")
+    make_group_tree(tmp_path / "data/raw/groups")
     write_params(tmp_path, tiny_params())
     return tmp_path
 
@@ -238,6 +289,7 @@ def dvc_project(tmp_path: Path) -> Path:
     make_csv(tmp_path / "data/raw/table.csv")
     make_image_tree(tmp_path / "data/raw/images")
     make_series(tmp_path / "data/raw/series.csv")
+    make_group_tree(tmp_path / "data/raw/groups")
     write_params(tmp_path, tiny_params())
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")

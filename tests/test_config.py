@@ -81,7 +81,8 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 def test_unknown_pipeline_lists_the_known_ones(tmp_path):
     write_params(tmp_path, tiny_params())
-    with pytest.raises(RatchetError, match=r"no pipeline 'images' under 'pipelines:' \(pipelines: tabular, image, sequence\)"):
+    with pytest.raises(RatchetError, match=r"no pipeline 'images' under 'pipelines:' "
+                                           r"\(pipelines: tabular, image, sequence, multihead\)"):
         load_params(tmp_path / "params.yaml").pipeline("images")
 
 

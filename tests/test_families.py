@@ -24,7 +24,7 @@ from ratchet.stages import evaluate, prepare, promote, train
 from ratchet.tracking.runs import use_tracking
 
 # family -> the pipeline of conftest.tiny_params() that exercises it
-TINY = {"tabular": "tabular", "image": "image", "sequence": "sequence"}
+TINY = {"tabular": "tabular", "image": "image", "sequence": "sequence", "multihead": "multihead"}
 
 
 def test_every_registered_family_has_a_tiny_pipeline_here():
@@ -48,7 +48,7 @@ def test_a_family_runs_prepare_train_evaluate_promote(project, family_name):
     best = train.run(loaded, name)
     assert best["epochs"] == 2 and cfg.train.monitor in best
     history = (cfg.train.out_dir / "history.csv").read_text().splitlines()
-    assert len(history) == 3 and history[0].startswith("epoch,train_loss,val_loss")
+    assert len(history) == 3 and {"epoch", "train_loss", "val_loss", cfg.train.monitor} <= set(history[0].split(","))
     assert not cfg.train.checkpoint.exists()  # finished: nothing left to resume
 
     metrics = evaluate.run(loaded, name)
@@ -68,12 +68,15 @@ def test_a_family_runs_prepare_train_evaluate_promote(project, family_name):
     assert {f"best_{cfg.train.monitor}", f"test_{cfg.promote.metric}"} <= set(run.data.metrics)
     use_tracking(project)
     served = mlflow.pytorch.load_model(f"models:/{cfg.promote.registered_model}@champion", map_location="cpu")
-    example = family.example_input(meta)
+    example = family.example_input(cfg, meta)
+    named = example if isinstance(example, dict) else {"input": example}  # several inputs: named, in order
     with torch.no_grad():
-        out = served(torch.from_numpy(example))
-    assert out.shape[0] == len(example) and torch.isfinite(out).all()
-    x, _ = family.gate_data(family.load(cfg.prepare.out_dir))
-    assert np.asarray(x[:1]).shape[1:] == example.shape[1:]  # the gate feeds what the signature says
+        out = served(*(torch.from_numpy(a) for a in named.values()))
+    for head in (out.values() if isinstance(out, dict) else [out]):
+        assert head.shape[0] == 2 and torch.isfinite(head).all()
+    x, _ = family.gate_data(cfg, family.load(cfg.prepare.out_dir))
+    for key, gate_input in (x.items() if isinstance(x, dict) else [("input", x)]):
+        assert np.asarray(gate_input[:1]).shape[1:] == named[key].shape[1:]  # the gate feeds what the signature says
 
 
 def test_an_unknown_family_is_refused_with_the_registered_ones(tmp_path):

@@ -125,7 +125,7 @@ def test_scaling_is_fitted_on_the_training_part_and_inverts_exactly(project):
     # the registered model's own scaling: raw windows in, forecasts in original units out
     torch.manual_seed(0)
     net = FAMILY.build_model(cfg.model, meta)
-    served = FAMILY.serving_model(net, meta)
+    served = FAMILY.serving_model(cfg, net, meta)
     x_raw, _ = series_windows(prepared, "test", raw=True)
     x_scaled, _ = series_windows(prepared, "test", raw=False)
     idx = torch.arange(5)

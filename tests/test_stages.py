@@ -93,7 +93,7 @@ def test_champion_is_rescored_on_the_current_test_split(project):
     y = np.load(cfg.prepare.out_dir / "test_y.npy")
     family = get_family("tabular")
     meta = family.load(cfg.prepare.out_dir).meta
-    now = promote.score_model(family, "models:/tabular/1", meta, x, y, "f1_macro")
+    now = promote.score_model(family, cfg, "models:/tabular/1", meta, x, y, "f1_macro")
     assert second["champion_before"]["score"] == pytest.approx(now)
     assert now != pytest.approx(first["score"])  # the number stored from the old split was not used
 

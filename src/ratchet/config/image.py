@@ -23,6 +23,9 @@ class ImageData(Section):
     on_bad_image: Literal["fail", "skip"] = Field(
         "fail", description="a file that does not decode: stop with its name, or skip it with a warning"
     )
+    duplicates: Literal["fail", "drop", "keep"] = Field(
+        "fail", description="a validation or test file byte-identical to a file of an earlier split (train, then "
+                            "val): stop and say so, drop it from the evaluation split, or keep it with a warning")
 
 
 class ImagePrepare(Section):

@@ -4,6 +4,9 @@
   features, label `diagnosis`: malignant / benign).
 - digits/<digit>/<n>.png: scikit-learn's handwritten digits (1797 real 8x8 greyscale scans
   from UCI, 16 grey levels scaled to 0-255) as an ImageFolder tree, one folder per digit.
+- omniglot/<alphabet>/<character>/<drawing>.png: 799 real Omniglot drawings (4 alphabets x 10
+  characters, 19-20 each), vendored in omniglot_demo.zip beside this module with their MIT
+  licence and provenance (OMNIGLOT.md): no installed package ships Omniglot.
 - load.csv: a **synthetic** hourly electricity-load series (120 days, columns `timestamp`,
   `load`, `temperature`), generated with a fixed seed: a daily profile with morning and evening
   peaks, lower weekends, a response to temperature and autocorrelated noise. No installed
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,7 @@ def write_demo(out_dir: Path) -> list[Path]:
     table.to_csv(tmp / "breast_cancer.csv", index=False, float_format="%.6g")
     write_digits(tmp / "digits")
     write_load_series(tmp / "load.csv")
+    write_omniglot(tmp)
     replace_dir(tmp, out_dir)
     return sorted(out_dir.iterdir())
 
@@ -47,6 +52,18 @@ def write_digits(root: Path) -> None:
         folder = root / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image, mode="L").save(folder / f"{n:04d}.png")
+
+
+OMNIGLOT_ZIP = Path(__file__).with_name("omniglot_demo.zip")
+
+
+def write_omniglot(out_dir: Path) -> None:
+    """Unpack the vendored Omniglot subset as `out_dir/omniglot/<alphabet>/<character>/*.png`."""
+    with zipfile.ZipFile(OMNIGLOT_ZIP) as archive:
+        for name in archive.namelist():
+            if not name.startswith("omniglot/") or ".." in Path(name).parts:
+                raise ValueError(f"{OMNIGLOT_ZIP}: unexpected member {name}")
+        archive.extractall(out_dir)
 
 
 def write_load_series(path: Path, days: int = 120, seed: int = 7) -> None:

@@ -14,6 +14,7 @@ them, and the registered model carries them, so it takes raw uint8 images.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import unicodedata
 import warnings
@@ -34,14 +35,18 @@ MODES = {"rgb": "RGB", "grayscale": "L"}
 CHUNK = 4096  # images per block when copying and computing statistics (bounded memory)
 
 
-def prepare(cfg: ImagePipeline) -> dict:
-    """Scan, decode once, split and write the prepared arrays; return meta.json's content."""
+def prepare(cfg: ImagePipeline, family: str = "image", scan=None, extra_meta=None) -> dict:
+    """Scan, decode once, split, guard against files shared between splits, and write the
+    prepared arrays; return meta.json's content. `scan(tree)` -> (class names, [(path, class)])
+    reads the tree's layout (default: `scan_tree`, one folder per class); `extra_meta(classes)`
+    adds the family's own fields."""
+    scan = scan or scan_tree
     data = cfg.data
     train_dir = data.source / data.train
-    classes, train_files = scan_tree(train_dir)
+    classes, train_files = scan(train_dir)
     test_files: list[tuple[Path, int]] = []
     if data.test is not None:
-        test_classes, found = scan_tree(data.source / data.test)
+        test_classes, found = scan(data.source / data.test)
         unknown = sorted(set(test_classes) - set(classes))
         if unknown:
             raise RatchetError(f"{data.source / data.test}: class folder '{unknown[0]}' is not a class of the "
@@ -54,8 +59,8 @@ def prepare(cfg: ImagePipeline) -> dict:
     with prepared_writer(cfg.prepare.out_dir) as writer:
         decoded = np.lib.format.open_memmap(writer.tmp / "decoded.tmp", mode="w+", dtype=np.uint8,
                                             shape=(len(files), channels, height, width))
-        ok = decode_all([p for p, _ in files], decoded, MODES[data.channels], (width, height), data.on_bad_image,
-                        data.source)
+        ok, digests = decode_all([p for p, _ in files], decoded, MODES[data.channels], (width, height),
+                                 data.on_bad_image, data.source)
         labels = np.array([c for _, c in files], dtype=np.int64)
         paths = np.array([_relative(p, data.source) for p, _ in files])
         n_train = len(train_files)
@@ -74,6 +79,7 @@ def prepare(cfg: ImagePipeline) -> dict:
                 raise RatchetError(f"{data.source / data.test}: no decodable test images")
 
         parts = {split: parts[split] for split in ("train", "val", "test")}
+        parts, duplicates = guard_duplicates(parts, digests, paths, data.duplicates, data.source)
         for split, idx in parts.items():
             out = writer.allocate(f"{split}_x", (len(idx), channels, height, width), np.uint8)
             for start in range(0, len(idx), CHUNK):
@@ -87,7 +93,7 @@ def prepare(cfg: ImagePipeline) -> dict:
         (writer.tmp / "decoded.tmp").unlink()
         skipped = paths[~ok].tolist()
         meta = writer.finish({
-            "family": "image",
+            "family": family,
             "source": str(data.source),
             "id": "file",  # <split>_ids: image paths relative to data.source
             "serving_input": "test_x",  # what a registered model takes: uint8 images, N x C x H x W
@@ -100,7 +106,9 @@ def prepare(cfg: ImagePipeline) -> dict:
             "mean": mean,
             "std": std,
             "skipped": skipped,
+            "duplicates": duplicates,
             "seed": cfg.seed,
+            **(extra_meta(classes) if extra_meta else {}),
         })
     if skipped:
         print(f"skipped {len(skipped)} image(s) that do not decode (listed in meta.json 'skipped')")
@@ -108,7 +116,24 @@ def prepare(cfg: ImagePipeline) -> dict:
 
 
 def scan_tree(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted folder names) and (image path, class index) pairs, sorted by path."""
+    """Class names (sorted folder names) and (image path, class index) pairs, sorted by path.
+    A class folder holding folders is refused: it is a two-level tree (the multihead family's),
+    whose subfolders would otherwise merge silently into their parent class."""
+    names, folders = class_folders(root, f"{root}/<class>/<image>")
+    files: list[tuple[Path, int]] = []
+    for c, folder in enumerate(folders):
+        inner = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if inner:
+            raise RatchetError(f"{folder}: class folder holds folders ({', '.join(inner[:3])}"
+                               f"{', ...' if len(inner) > 3 else ''}); an image tree is {root}/<class>/<image> "
+                               "(for <group>/<class>/<image>, use family: multihead)")
+        files += [(p, c) for p in images_in(folder)]
+    return names, files
+
+
+def class_folders(root: Path, layout: str, minimum: int = 2, kind: str = "class folder",
+                  tree: str = "an ImageFolder tree") -> tuple[list[str], list[Path]]:
+    """The visible subfolders of `root`, sorted, with their NFC names; at least `minimum`."""
     if not root.is_dir():
         raise RatchetError(f"{root}: image folder not found" if not root.exists() else f"{root}: not a folder")
     folders = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
@@ -116,18 +141,55 @@ def scan_tree(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     names = [_nfc(d.name) for d in folders]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
-        raise RatchetError(f"{root}: two class folders are both named '{dup}' (after Unicode normalisation)")
-    if len(folders) < 2:
-        found = f"one class folder ('{names[0]}')" if names else "no class folders"
-        raise RatchetError(f"{root}: {found}; an ImageFolder tree needs at least two: {root}/<class>/<image>")
-    files: list[tuple[Path, int]] = []
-    for c, folder in enumerate(folders):
-        images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
-                        and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-        if not images:
-            raise RatchetError(f"{folder}: class folder has no images ({', '.join(EXTENSIONS)})")
-        files += [(p, c) for p in images]
-    return names, files
+        raise RatchetError(f"{root}: two {kind}s are both named '{dup}' (after Unicode normalisation)")
+    if len(folders) < minimum:
+        found = f"one {kind} ('{names[0]}')" if names else f"no {kind}s"
+        raise RatchetError(f"{root}: {found}; {tree} needs at least {'one two'.split()[minimum - 1]}: {layout}")
+    return names, folders
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The image files directly in `folder`, sorted; at least one."""
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file()
+                    and not p.name.startswith("."))
+    if not images:
+        raise RatchetError(f"{folder}: class folder has no images ({', '.join(EXTENSIONS)})")
+    return images
+
+
+def guard_duplicates(parts: dict[str, np.ndarray], digests: np.ndarray, paths: np.ndarray, policy: str,
+                     source: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Find validation and test files byte-identical to a file of an earlier split (train, then
+    val), whatever their names: a model scored on its own training images looks better than it
+    is. `fail` stops with the count and one example pair, `drop` removes them from the later
+    split, `keep` keeps them with a warning. Returns the splits and what was found (meta.json)."""
+    first: dict[str, tuple[int, str]] = {}  # content digest -> the first file with it and its split
+    found = {"val": 0, "test": 0}
+    example = None
+    kept = dict(parts)
+    for split in ("train", "val", "test"):
+        shared = []
+        for i in parts[split]:
+            other, where = first.setdefault(digests[i], (i, split))
+            if where != split:  # the same bytes in an earlier split (copies within one split do not leak)
+                shared.append(i)
+                example = example or [str(paths[i]), str(paths[other])]
+        if split != "train":
+            found[split] = len(shared)
+            if policy == "drop":
+                kept[split] = np.setdiff1d(parts[split], np.array(shared, dtype=np.int64))
+    total = found["val"] + found["test"]
+    if total and policy == "fail":
+        raise RatchetError(f"{source}: {total} evaluation files (val {found['val']}, test {found['test']}) are "
+                           f"byte-identical to files of an earlier split, e.g. {example[0]} = {example[1]}; "
+                           "set data.duplicates: drop (score on the rest) or keep")
+    if total:
+        verb = "dropped from" if policy == "drop" else "kept in (data.duplicates: keep)"
+        print(f"warning: {total} files byte-identical to an earlier split's {verb} val ({found['val']}) "
+              f"and test ({found['test']}), e.g. {example[0]} = {example[1]}")
+    if policy == "drop" and not len(kept["test"]):
+        raise RatchetError(f"{source}: every test file is a copy of a training or validation file")
+    return kept, {"policy": policy, **found, "example": example}
 
 
 def decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
@@ -141,12 +203,15 @@ def decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
 
 
 def decode_all(paths: list[Path], out: np.ndarray, mode: str, size: tuple[int, int], on_bad: str,
-               root: Path) -> np.ndarray:
-    """Decode `paths` into `out` in parallel (Pillow releases the GIL); return which decoded."""
+               root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Decode `paths` into `out` in parallel (Pillow releases the GIL); return which decoded and
+    the SHA-256 of each file's bytes (for the duplicate guard)."""
     ok = np.ones(len(paths), dtype=bool)
+    digests = np.empty(len(paths), dtype=object)
 
     def work(i: int) -> None:
         try:
+            digests[i] = hashlib.sha256(paths[i].read_bytes()).hexdigest()
             out[i] = decode(paths[i], mode, size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             if on_bad == "fail":
@@ -162,7 +227,7 @@ def decode_all(paths: list[Path], out: np.ndarray, mode: str, size: tuple[int, i
             pass
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # on the first failure, decode nothing more
-    return ok
+    return ok, digests
 
 
 def channel_stats(images: np.ndarray, idx: np.ndarray) -> tuple[list[float], list[float]]:

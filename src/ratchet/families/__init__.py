@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "tabular": "ratchet.families.tabular",
     "image": "ratchet.families.image",
     "sequence": "ratchet.families.sequence",
+    "multihead": "ratchet.families.multihead",
 }
 
 

@@ -93,7 +93,7 @@ class Family(ABC):
 
     # -- train -----------------------------------------------------------------------------
     @abstractmethod
-    def samples(self, prepared: Prepared, split: str) -> tuple:
+    def samples(self, cfg: Any, prepared: Prepared, split: str) -> tuple:
         """`(inputs, targets)` of a split, indexed by sample along the first dimension."""
 
     @abstractmethod
@@ -139,22 +139,24 @@ class Family(ABC):
 
     # -- serve and promote -----------------------------------------------------------------
     @abstractmethod
-    def serving_model(self, net: nn.Module, meta: PreparedMeta) -> nn.Module:
+    def serving_model(self, cfg: Any, net: nn.Module, meta: PreparedMeta) -> nn.Module:
         """The network with its preprocessing baked in: raw inputs in (see models.serving)."""
 
     @abstractmethod
-    def example_input(self, meta: PreparedMeta) -> np.ndarray:
-        """Two valid raw inputs, for the logged signature and input example."""
+    def example_input(self, cfg: Any, meta: PreparedMeta) -> np.ndarray | dict[str, np.ndarray]:
+        """Two valid raw inputs, for the logged signature and input example: an array, or a dict
+        of named arrays for a model of several inputs (the served model takes them positionally,
+        in that order)."""
 
     @abstractmethod
-    def input_description(self, meta: PreparedMeta) -> str:
+    def input_description(self, cfg: Any, meta: PreparedMeta) -> str:
         """What the served model takes; a champion must take the same to be compared."""
 
     @abstractmethod
-    def gate_data(self, prepared: Prepared) -> tuple:
+    def gate_data(self, cfg: Any, prepared: Prepared) -> tuple:
         """(raw test inputs, test targets) that the gate scores every registered model on."""
 
     @abstractmethod
-    def score(self, model: nn.Module, meta: PreparedMeta, x, y, metric: str) -> float:
+    def score(self, cfg: Any, model: nn.Module, meta: PreparedMeta, x, y, metric: str) -> float:
         """`metric` of a served (registered) model on raw inputs `x` and targets `y` of the
         prepared data described by `meta`."""

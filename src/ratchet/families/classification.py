@@ -32,7 +32,7 @@ class ClassifierFamily(Family):
     def describe(self, meta: ClassificationMeta) -> str:
         return f"{len(meta.classes)} classes"
 
-    def samples(self, prepared, split: str) -> tuple:
+    def samples(self, cfg, prepared, split: str) -> tuple:
         return prepared.array(f"{split}_x"), prepared.array(f"{split}_y")
 
     def objective(self, cfg, meta: ClassificationMeta, device):
@@ -52,7 +52,7 @@ class ClassifierFamily(Family):
 
         meta = prepared.meta
         _, transform = self.transforms(cfg, meta, dist.device)
-        loader = BatchLoader(self.samples(prepared, "test"), cfg.evaluate.batch_size, dist, train=False,
+        loader = BatchLoader(self.samples(cfg, prepared, "test"), cfg.evaluate.batch_size, dist, train=False,
                              transform=transform)
         metrics = test_metrics(len(meta.classes), dist.device)
         loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
@@ -92,10 +92,10 @@ class ClassifierFamily(Family):
         return (f"accuracy {metrics['accuracy']:.4f}, f1_macro {metrics['f1_macro']:.4f} "
                 f"on {metrics['samples']} test samples")
 
-    def gate_data(self, prepared) -> tuple:
+    def gate_data(self, cfg, prepared) -> tuple:
         return prepared.array(prepared.meta.serving_input), prepared.array("test_y")
 
-    def score(self, model, meta: ClassificationMeta, x, y, metric: str) -> float:
+    def score(self, cfg, model, meta: ClassificationMeta, x, y, metric: str) -> float:
         import torch
 
         from ratchet.evaluate.metrics import test_metrics

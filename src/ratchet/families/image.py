@@ -18,6 +18,7 @@ class ImageMeta(ClassificationMeta):
     mean: list[float]
     std: list[float]
     skipped: list[str]
+    duplicates: dict  # the leakage guard: policy, val and test files found shared with an earlier split, example
 
 
 class ImageFamily(ClassifierFamily):
@@ -55,7 +56,8 @@ class ImageFamily(ClassifierFamily):
         return {"cnn": CNN, "lenet5": LeNet5}[model_cfg.name](meta.input_shape, classes, model_cfg)
 
     def on_train_start(self, cfg: ImagePipeline, prepared) -> None:
-        """A PNG grid in MLflow: 8 training images as stored, then three augmented draws of each."""
+        """What the leakage guard found, and a PNG grid in MLflow: 8 training images as stored,
+        then three augmented draws of each."""
         import tempfile
         from pathlib import Path
 
@@ -66,6 +68,8 @@ class ImageFamily(ClassifierFamily):
 
         from ratchet.data.transforms import augmentation_preview
 
+        found = prepared.meta.duplicates
+        mlflow.log_params({"data.duplicates_found.val": found["val"], "data.duplicates_found.test": found["test"]})
         x = prepared.array("train_x")
         images = torch.from_numpy(np.array(x[np.linspace(0, len(x) - 1, min(8, len(x))).astype(int)]))
         with tempfile.TemporaryDirectory() as tmp:
@@ -80,14 +84,14 @@ class ImageFamily(ClassifierFamily):
         super().write_report(name, cfg, prepared, metrics, predictions, out)
         _misclassified_png(name, prepared, predictions, out / "misclassified.png")
 
-    def serving_model(self, net, meta: ImageMeta):
+    def serving_model(self, cfg, net, meta: ImageMeta):
         from torch import nn
 
         from ratchet.models.serving import ImagePreprocess
 
         return nn.Sequential(ImagePreprocess(meta.mean, meta.std), net).eval()
 
-    def example_input(self, meta: ImageMeta):
+    def example_input(self, cfg, meta: ImageMeta):
         """A black image and one of the training mean colour."""
         import numpy as np
 
@@ -95,7 +99,7 @@ class ImageFamily(ClassifierFamily):
         flat = np.broadcast_to(mean[:, None, None], meta.input_shape)
         return np.stack([np.zeros(meta.input_shape, np.uint8), flat])
 
-    def input_description(self, meta: ImageMeta) -> str:
+    def input_description(self, cfg, meta: ImageMeta) -> str:
         c, h, w = meta.input_shape
         return f"images: uint8 {c}x{h}x{w} ({meta.channels}); classes: " + ", ".join(meta.classes)
 

@@ -51,7 +51,7 @@ class SequenceFamily(Family):
         return (f"{', '.join(f'{s} {n}' for s, n in meta.windows.items())} windows of "
                 f"{meta.window['input']} -> {meta.window['horizon']} steps every {meta.frequency}")
 
-    def samples(self, prepared, split: str) -> tuple:
+    def samples(self, cfg, prepared, split: str) -> tuple:
         return series_windows(prepared, split, raw=False)
 
     def transforms(self, cfg, meta, device):
@@ -145,7 +145,7 @@ class SequenceFamily(Family):
             line += f", seasonal naive {metrics['seasonal_naive_rmse']:.4g}"
         return line + f") on {metrics['windows']} test windows"
 
-    def serving_model(self, net, meta: SequenceMeta):
+    def serving_model(self, cfg, net, meta: SequenceMeta):
         from torch import nn
 
         from ratchet.models.serving import Scale
@@ -153,22 +153,22 @@ class SequenceFamily(Family):
         t = meta.target_index
         return nn.Sequential(Scale(meta.offset, meta.scale), net, Scale(meta.offset[t], meta.scale[t], inverse=True)).eval()
 
-    def example_input(self, meta: SequenceMeta):
+    def example_input(self, cfg, meta: SequenceMeta):
         """The training mean, and one scale above it."""
         import numpy as np
 
         offset, scale = np.array(meta.offset), np.array(meta.scale)
         return np.stack([np.broadcast_to(v, meta.input_shape) for v in (offset, offset + scale)]).astype(np.float32)
 
-    def input_description(self, meta: SequenceMeta) -> str:
+    def input_description(self, cfg, meta: SequenceMeta) -> str:
         steps, features = meta.input_shape
         return (f"windows: float32 {steps}x{features} ({', '.join(meta.inputs)}) every {meta.frequency}; "
                 f"forecast: {meta.window['horizon']} steps of {meta.target}")
 
-    def gate_data(self, prepared) -> tuple:
+    def gate_data(self, cfg, prepared) -> tuple:
         return series_windows(prepared, "test", raw=True)
 
-    def score(self, model, meta, x, y, metric: str) -> float:
+    def score(self, cfg, model, meta, x, y, metric: str) -> float:
         """Errors summed in float64, as the evaluate stage does."""
         import torch
         from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection

@@ -48,19 +48,19 @@ class TabularFamily(ClassifierFamily):
     def check_init_from(self, saved_model_cfg: dict, cfg, source: str) -> None:
         pass  # matching shapes are the whole compatibility of an MLP
 
-    def serving_model(self, net, meta: TabularMeta):
+    def serving_model(self, cfg, net, meta: TabularMeta):
         from torch import nn
 
         from ratchet.models.serving import TabularPreprocess
 
         return nn.Sequential(TabularPreprocess(meta.fill, meta.mean, meta.std), net).eval()
 
-    def example_input(self, meta: TabularMeta):
+    def example_input(self, cfg, meta: TabularMeta):
         import numpy as np
 
         return np.array([meta.mean, meta.fill], dtype=np.float32)
 
-    def input_description(self, meta: TabularMeta) -> str:
+    def input_description(self, cfg, meta: TabularMeta) -> str:
         return "features: " + ", ".join(meta.features)
 
 

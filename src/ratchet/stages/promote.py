@@ -27,21 +27,21 @@ def run(params: Params, name: str) -> dict:
     prepared = family.load(cfg.prepare.out_dir)
     run_info = tracked_run(cfg.train.out_dir, params.root, stage_name("train", name))
     meta, registered = prepared.meta, cfg.promote.registered_model
-    x, y = family.gate_data(prepared)
+    x, y = family.gate_data(cfg, prepared)
     client = MlflowClient()
 
     champion = champion_version(client, registered)
     if champion is not None:
-        check_comparable(champion, family.input_description(meta), registered)
+        check_comparable(champion, family.input_description(cfg, meta), registered)
     version = client.get_model_version(registered, str(run_info["version"]))
     metric = cfg.promote.metric
-    score = score_model(family, f"models:/{registered}/{version.version}", meta, x, y, metric)
+    score = score_model(family, cfg, f"models:/{registered}/{version.version}", meta, x, y, metric)
     if champion is not None and champion.version == version.version:
         decision = Decision(True, f"v{version.version} is already @champion", metric, score, version.version, score)
     else:
         rival = None
         if champion is not None:
-            rival = (champion.version, score_model(family, f"models:/{registered}/{champion.version}", meta, x, y, metric))
+            rival = (champion.version, score_model(family, cfg, f"models:/{registered}/{champion.version}", meta, x, y, metric))
         decision = decide(metric, score, rival, cfg.promote.direction, cfg.promote.min_delta)
     record(client, registered, version, decision)
     client.set_tag(run_info["run_id"], "ratchet.promoted", str(decision.promoted).lower())
@@ -59,8 +59,8 @@ def run(params: Params, name: str) -> dict:
     return result
 
 
-def score_model(family: Family, model_uri: str, meta, x, y, metric: str) -> float:
+def score_model(family: Family, cfg, model_uri: str, meta, x, y, metric: str) -> float:
     """`metric` of the registered model at `model_uri` on raw test inputs `x` and targets `y`,
     scored by the family (the same metric code for the new version and the champion)."""
     model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    return family.score(model, meta, x, y, metric)
+    return family.score(cfg, model, meta, x, y, metric)

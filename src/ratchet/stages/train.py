@@ -41,6 +41,7 @@ from ratchet.models.finetune import freeze, load_initial_weights
 from ratchet.tracking.registry import FEATURES_TAG, champion_version, check_comparable, register
 from ratchet.tracking.lineage import lineage_tags
 from ratchet.tracking.runs import RUN_FILE, flatten, mark_killed, numeric, training_run, use_tracking
+from ratchet.train.batch import tree_map
 from ratchet.train.checkpoint import load_checkpoint
 from ratchet.train.distributed import DistInfo, distributed, launch, sync_batchnorm, under_torchrun
 from ratchet.train.optim import build_optimizer, build_scheduler
@@ -82,9 +83,9 @@ def _train(params: Params, name: str, cfg: PipelineConfig, family: Family, prepa
     mode = monitor_mode(cfg.train.monitor)
     scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs, mode)
     train_transform, eval_transform = family.transforms(cfg, meta, dist.device)
-    train_loader = BatchLoader(family.samples(prepared, "train"), cfg.train.batch_size // dist.world_size, dist,
+    train_loader = BatchLoader(family.samples(cfg, prepared, "train"), cfg.train.batch_size // dist.world_size, dist,
                                train=True, seed=cfg.seed, transform=train_transform)
-    val_loader = BatchLoader(family.samples(prepared, "val"), cfg.evaluate.batch_size, dist, train=False,
+    val_loader = BatchLoader(family.samples(cfg, prepared, "val"), cfg.evaluate.batch_size, dist, train=False,
                              transform=eval_transform)
     chash = config_hash(cfg.model, cfg.train.model_dump(mode="json", exclude={"out_dir", "checkpoint"}),
                         cfg.seed, meta.data_hash)
@@ -138,7 +139,7 @@ def _check_registry(params: Params, cfg: PipelineConfig, family: Family, meta) -
     use_tracking(params.root)
     champion = champion_version(MlflowClient(), cfg.promote.registered_model)
     if champion is not None:
-        check_comparable(champion, family.input_description(meta), cfg.promote.registered_model)
+        check_comparable(champion, family.input_description(cfg, meta), cfg.promote.registered_model)
 
 
 def _resumable(path: Path, chash: str, dist: DistInfo) -> dict | None:
@@ -176,17 +177,23 @@ def _write_outputs(cfg: PipelineConfig, name: str, family: Family, net: torch.nn
         mlflow.log_artifact(str(tmp / MODEL_FILE), "checkpoint")
         mlflow.log_artifact(str(tmp / HISTORY_FILE), "training")
         mlflow.log_artifact(str(tmp / "curves.png"), "plots")
-        served = family.serving_model(plain, meta)
-        example = family.example_input(meta)
+        served = family.serving_model(cfg, plain, meta)
+        example = family.example_input(cfg, meta)
+        # Several inputs are a dict of named arrays: the signature names them, the model takes them
+        # positionally in that order (MLflow's traced format wants a tuple); several heads, a dict.
+        positional = tuple(example.values()) if isinstance(example, dict) else (example,)
+        with torch.no_grad():
+            output = served(*(torch.from_numpy(a) for a in positional))
+        output = tree_map(lambda t: t.numpy(), output)
         with warnings.catch_warnings():  # torch.export's note on RNN weight attributes: harmless here
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             info = mlflow.pytorch.log_model(
-                served, name="model", input_example=example,
-                signature=infer_signature(example, served(torch.from_numpy(example)).detach().numpy()),
+                served, name="model", input_example=positional if isinstance(example, dict) else example,
+                signature=infer_signature(example, output),
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )
         version = register(MlflowClient(), cfg.promote.registered_model, info.model_uri, run_id, {
-            FEATURES_TAG: family.input_description(meta), "ratchet.pipeline": name, "ratchet.data.hash": meta.data_hash,
+            FEATURES_TAG: family.input_description(cfg, meta), "ratchet.pipeline": name, "ratchet.data.hash": meta.data_hash,
         })
         mlflow.set_tag("ratchet.registered_version", str(version.version))
         timings["logging_seconds"] = time.perf_counter() - logging_started
