@@ -9,7 +9,8 @@ and its metrics.json, then trains the course's network as the course writes it (
 opens and decodes each PNG on every access, torchvision ToTensor + Resize, DataLoader with
 shuffle, Adam, the pipeline's epochs, batch size and learning rate, no early stopping) on the
 same training files and scores it on the same test files. Printed: test accuracy per head of
-both, and seconds per training epoch of both (Ratchet's from the run's history.csv).
+both (the question: does the pipeline learn what the course's loop learns?), and seconds per
+epoch for orientation only (Ratchet's from the run's history.csv, not measured side by side).
 """
 
 from __future__ import annotations
@@ -136,8 +137,8 @@ def main() -> None:
     best = json.loads((cfg.train.out_dir / "run.json").read_text())["metrics"]["best_epoch"]
     print(f"{f'ratchet (best of {len(history)} epochs: {best})':<28}"
           + "".join(f"{ours[h + '.accuracy']:>18.4f}" for h in weights) + f"{ours_seconds:>10.2f}")
-    print(f"epoch time ratio (course / ratchet; Ratchet's includes validation): "
-          f"{statistics.median(seconds) / ours_seconds:.2f}x")
+    print("s/epoch: the course loop's measured here; Ratchet's (training and validation) from the run's "
+          "history.csv, at another moment: not a side-by-side speed figure (bench_image.py is)")
 
 
 if __name__ == "__main__":

@@ -181,3 +181,13 @@ def test_the_loss_is_the_weighted_sum_of_each_heads_cross_entropy(project):
     assert total.item() == pytest.approx(0.3 * parts["group"].item() + 1.0 * parts["class"].item())
     metrics.update(outputs, targets)
     assert set(metrics.compute()) == {"class", "group"}
+
+
+def test_a_tree_one_level_too_deep_says_so(project):
+    """A source holding train/ and test/ trees, with data.train and data.test left unset."""
+    _copy_as_test_tree(project, "groups", copies=0)
+    proc = ratchet(project, "prepare", "multihead", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"error: {project / 'data/raw/groups/test/Alpha'}: holds folders (character01, character02, "
+                           "character03), not images: the tree is one level deeper than expected (set data.train "
+                           "and data.test to its subtrees?)\n")

@@ -153,6 +153,11 @@ def images_in(folder: Path) -> list[Path]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file()
                     and not p.name.startswith("."))
     if not images:
+        inner = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if inner:  # e.g. a source holding train/ and test/ trees, with data.train and data.test unset
+            raise RatchetError(f"{folder}: holds folders ({', '.join(inner[:3])}{', ...' if len(inner) > 3 else ''}), "
+                               "not images: the tree is one level deeper than expected (set data.train and "
+                               "data.test to its subtrees?)")
         raise RatchetError(f"{folder}: class folder has no images ({', '.join(EXTENSIONS)})")
     return images
 
