@@ -31,7 +31,9 @@ class MultiheadModelConfig(Section):
     activation: Literal["relu", "elu", "leaky_relu"] = Field("elu", description="activation after each block")
     batchnorm: bool = Field(False, description="BatchNorm2d after each convolution")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the embedding, before the heads")
-    init: Literal["he", "xavier", "default"] = Field("he", description="weight init of the conv and linear layers")
+    init: Literal["he", "xavier", "default"] = Field(
+        "default", description="weight init of the conv and linear layers; default (torch's, as the course) "
+                               "generalised better on Omniglot than he (BENCHMARKS.md)")
 
     @model_validator(mode="after")
     def _inputs_and_heads(self) -> MultiheadModelConfig:
