@@ -93,7 +93,6 @@ def test_classes_are_group_and_folder_and_a_character_name_repeats_across_groups
     ({"multihead.model.inputs": ["image", "group"], "multihead.model.heads": {"group": 1.0, "class": 1.0}},
      "pipelines.multihead.model: heads: group is also an input"),
     ({"multihead.model.inputs": ["group"]}, "inputs: must include image"),
-    ({"multihead.model.heads": {"class": 1.0}}, "train.monitor: val_class_accuracy"),  # fine: class head kept
     ({"multihead.model.heads": {"class": 1.0}, "multihead.promote.metric": "group.accuracy"},
      "promote.metric: group.accuracy follows the group head, which model.heads does not have (heads: class)"),
     ({"multihead.model.heads": {"kind": 1.0}}, "pipelines.multihead.model.heads.kind"),
@@ -101,12 +100,14 @@ def test_classes_are_group_and_folder_and_a_character_name_repeats_across_groups
 ])
 def test_bad_inputs_heads_and_head_metrics_name_the_key(tmp_path, change, message):
     write_params(tmp_path, tiny_params(**change))
-    if message.startswith("train.monitor: val_class_accuracy"):
-        load_params(tmp_path / "params.yaml")  # a valid change: no error
-        return
     with pytest.raises(RatchetError) as info:
         load_params(tmp_path / "params.yaml")
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_monitor_and_gate_may_follow_a_head_the_network_has(tmp_path):
+    write_params(tmp_path, tiny_params(**{"multihead.model.heads": {"class": 1.0}}))  # monitor val_class_accuracy
+    assert load_params(tmp_path / "params.yaml").pipeline("multihead").train.monitor == "val_class_accuracy"
 
 
 @pytest.mark.slow

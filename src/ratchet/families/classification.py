@@ -99,19 +99,10 @@ class ClassifierFamily(Family):
         import torch
 
         from ratchet.evaluate.metrics import test_metrics
+        from ratchet.train.batch import chunks
 
         metrics = test_metrics(len(meta.classes), torch.device("cpu"))
         for inputs, target in chunks(x, y):
             metrics.update(model(inputs), target)
         return float(metrics.compute()[metric])
 
-
-def chunks(x, y, budget: int = 64 << 20):
-    """(inputs, targets) tensors of about `budget` bytes of inputs at a time, read from memory-mapped
-    arrays (writable copies), without gradients."""
-    import torch
-
-    step = max(1, budget // max(1, x[:1].nbytes))
-    with torch.no_grad():
-        for start in range(0, len(x), step):
-            yield torch.as_tensor(np.array(x[start : start + step])), torch.as_tensor(np.array(y[start : start + step]))

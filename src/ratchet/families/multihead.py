@@ -203,15 +203,12 @@ class MultiheadFamily(ImageFamily):
         import torch
 
         from ratchet.evaluate.metrics import test_metrics
+        from ratchet.train.batch import chunks
 
         head, name = metric.split(".", 1)
         metrics = test_metrics(_outputs(meta)[head], torch.device("cpu"))
-        first = next(iter(x.values()))
-        step = max(1, (64 << 20) // max(1, first[:1].nbytes))
-        with torch.no_grad():
-            for start in range(0, len(first), step):
-                inputs = [torch.as_tensor(np.array(x[key][start : start + step])) for key in x]
-                metrics.update(model(*inputs)[head], torch.as_tensor(np.array(y[head][start : start + step])))
+        for inputs, targets in chunks(x, y):  # the served model takes its inputs positionally, in order
+            metrics.update(model(*inputs.values())[head], targets[head])
         return float(metrics.compute()[name])
 
 

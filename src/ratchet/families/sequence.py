@@ -173,7 +173,7 @@ class SequenceFamily(Family):
         import torch
         from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-        from ratchet.families.classification import chunks
+        from ratchet.train.batch import chunks
 
         metrics = MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError(),
                                     "rmse": MeanSquaredError(squared=False)})

@@ -39,6 +39,21 @@ def split_loss(value: Any) -> tuple[Any, dict]:
     return value, {}
 
 
+def chunks(x: Any, y: Any, budget: int = 64 << 20):
+    """(inputs, targets) as tensors, about `budget` bytes of inputs at a time, without gradients:
+    the promotion gate's pass over a whole test split. `x` and `y` are arrays, memory-mapped
+    arrays or windows, or dicts of them (several inputs or heads); each chunk is a writable copy."""
+    import numpy as np
+    import torch
+
+    first = leaves(x)[0]
+    step = max(1, budget // max(1, sum(leaf[:1].nbytes for leaf in leaves(x))))
+    take = lambda start: lambda a: torch.as_tensor(np.array(a[start : start + step]))  # noqa: E731
+    with torch.no_grad():
+        for start in range(0, len(first), step):
+            yield tree_map(take(start), x), tree_map(take(start), y)
+
+
 def flatten_metrics(values: dict, prefix: str) -> dict[str, float]:
     """{'acc': t} -> {'val_acc': float}; per-head results {'class': {'acc': t}} -> {'val_class_acc': ...}."""
     out: dict[str, float] = {}
