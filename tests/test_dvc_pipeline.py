@@ -124,8 +124,9 @@ def test_editing_the_loss_code_makes_the_train_stage_stale(dvc_project):
 
     loss_code = dvc_project / "src/ratchet/families/classification.py"
     text = loss_code.read_text()
-    assert "nn.CrossEntropyLoss()" in text
-    loss_code.write_text(text.replace("nn.CrossEntropyLoss()", "nn.CrossEntropyLoss(label_smoothing=0.1)", 1))
+    assert "nn.CrossEntropyLoss(weight=weight)" in text
+    loss_code.write_text(text.replace("nn.CrossEntropyLoss(weight=weight)",
+                                      "nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)", 1))
     status = json.loads(dvc(dvc_project, "status", "--json", "train@tabular").stdout)
     assert list(status) == ["train@tabular"]
     changed = [entry for entry in status["train@tabular"] if "changed deps" in entry][0]["changed deps"]

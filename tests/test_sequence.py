@@ -74,23 +74,35 @@ def _section(project, **changes):
     return load_params(project / "params.yaml").pipeline("sequence")
 
 
-def test_no_window_crosses_a_split_and_splits_are_chronological(project):
+def test_targets_stay_in_their_split_whose_windows_read_context_from_before_it(project):
+    """Every step of the validation and test parts is forecast: their first windows read their
+    inputs from the end of the part before; no target lies outside its part."""
     _counting_series(project / "data/raw/series.csv")
     cfg = _section(project, **{"prepare.scaler": "none", "window.input": 10, "window.horizon": 4,
                                "evaluate.seasonal_period": None})
     meta = FAMILY.prepare(cfg)
     prepared = load_prepared(cfg.prepare.out_dir)
     assert meta.rows == {"train": 120, "val": 40, "test": 40}
+    assert meta.context == {"train": 0, "val": 10, "test": 10}
     bounds = {"train": (0, 119), "val": (120, 159), "test": (160, 199)}
     for split, (low, high) in bounds.items():
         x, y = series_windows(prepared, split, raw=True)
         everything = torch.arange(len(x))
         inputs, targets = x.index_select(0, everything)[..., 0], y.index_select(0, everything)
-        assert inputs.min() == low and targets.max() == high  # first and last step of the split are used
-        assert ((inputs >= low) & (inputs <= high)).all() and ((targets >= low) & (targets <= high)).all()
-        assert len(x) == meta.windows[split] == (high - low + 1) - 10 - 4 + 1
+        first_input = low - meta.context[split]
+        assert inputs.min() == first_input and targets.max() == high
+        assert ((inputs >= first_input) & (inputs < high - 3)).all() and ((targets >= low) & (targets <= high)).all()
+        first_targets = targets[:, 0].long().tolist()
+        if split == "train":
+            assert first_targets == list(range(10, 120 - 4 + 1))
+            assert len(x) == meta.windows[split] == 120 - 10 - 4 + 1
+        else:  # every step of the part is a target: each one starts a window's horizon
+            assert first_targets == list(range(low, high - 4 + 2))
+            assert set(targets.long().flatten().tolist()) == set(range(low, high + 1))
+            assert len(x) == meta.windows[split] == 40 - 4 + 1
         times = prepared.array(f"{split}_time")
-        assert pd.Timestamp(int(times[0])) == pd.Timestamp("2024-01-01") + pd.Timedelta(hours=low)
+        assert pd.Timestamp(int(times[0])) == pd.Timestamp("2024-01-01") + pd.Timedelta(hours=first_input)
+        assert meta.span[split][0] == str(pd.Timestamp("2024-01-01") + pd.Timedelta(hours=low))
 
 
 def test_stride_thins_the_training_windows_only(project):
@@ -107,7 +119,7 @@ def test_stride_thins_the_training_windows_only(project):
         starts[split] = x.index_select(0, torch.arange(len(x)))[:, 0, 0].long().tolist()
         assert len(x) == meta.windows[split]
     assert starts["train"] == list(range(0, 120 - 14 + 1, 3))
-    assert starts["val"] == list(range(120, 160 - 14 + 1)) and starts["test"] == list(range(160, 200 - 14 + 1))
+    assert starts["val"] == list(range(110, 160 - 14 + 1)) and starts["test"] == list(range(150, 200 - 14 + 1))
 
 
 def test_scaling_is_fitted_on_the_training_part_and_inverts_exactly(project):
@@ -199,8 +211,8 @@ def test_gaps_and_duplicates_are_filled_as_params_say(project):
             meta = FAMILY.prepare(cfg)
             train = load_prepared(cfg.prepare.out_dir).array("train_raw")[:, 0]
             assert list(train[40:44]) == want and train[10] == at_ten, (gaps, duplicates)
-            assert meta.cleaning["source"] == {"sorted": False, "duplicates": 1, "filled_steps": 4,
-                                                  "filled_values": 0}
+            assert meta.cleaning["train"] == {"sorted": False, "duplicates": 1, "non_finite": 0,
+                                                 "filled_steps": 4, "filled_values": 0}
             assert meta.source == str(source)
 
 
@@ -210,20 +222,28 @@ def test_unsorted_rows_are_sorted_by_default(project):
     _write(project / "data/raw/series.csv", rows)
     cfg = _section(project, **{"prepare.scaler": "none", **SHORT})
     meta = FAMILY.prepare(cfg)
-    assert meta.cleaning["source"]["sorted"] is True
+    assert meta.cleaning["train"]["sorted"] is True
     assert list(load_prepared(cfg.prepare.out_dir).array("train_raw")[18:23, 0]) == [18, 19, 20, 21, 22]
 
 
 def test_separate_test_file_must_come_after_the_training_file(project):
     _counting_series(project / "data/raw/series.csv", steps=150)
     _counting_series(project / "data/raw/later.csv", steps=60, start="2024-01-07 06:00")
-    cfg = _section(project, **{"data.test": "data/raw/later.csv", "prepare.scaler": "none"})
+    cfg = _section(project, **{"data.source": "data/raw", "data.train": "series.csv", "data.test": "later.csv",
+                               "prepare.scaler": "none"})
     meta = FAMILY.prepare(cfg)
     assert meta.rows == {"train": 120, "val": 30, "test": 60}  # validation: the end of the training file
     assert meta.span["test"][0] == "2024-01-07 06:00:00"
+    assert meta.context["test"] == 24  # the next step after the training file: its inputs start there
+    x, y = series_windows(load_prepared(cfg.prepare.out_dir), "test", raw=True)
+    assert x[[0]][0, 0, 0] == 150 - 24 and y[[0]][0, 0] == 0 and len(x) == 60 - 3 + 1
+    _counting_series(project / "data/raw/later.csv", steps=60, start="2024-01-08 06:00")  # a day later: no context
+    meta = FAMILY.prepare(cfg)
+    assert meta.context["test"] == 0 and meta.windows["test"] == 60 - 24 - 3 + 1
     _counting_series(project / "data/raw/later.csv", steps=60, start="2024-01-07 05:00")
-    with pytest.raises(RatchetError, match=r"later.csv: starts at 2024-01-07 05:00:00, not after the end of "
-                                           r"series.csv \(2024-01-07 05:00:00\); test data must come later"):
+    with pytest.raises(RatchetError, match=r"later.csv: the test part starts at 2024-01-07 05:00:00, not after the "
+                                           r"end of the part before it \(2024-01-07 05:00:00\); test data must "
+                                           r"come later"):
         FAMILY.prepare(cfg)
 
 

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ratchet.config.base import (  # noqa: F401  (re-exported: the sections every family shares)
-    DemoConfig, EarlyStoppingConfig, EvaluateConfig, OptimizerConfig, PromoteConfig, SchedulerConfig,
+    ClassifierTrainConfig, CsvData, DemoConfig, EarlyStoppingConfig, EvaluateConfig, OptimizerConfig, PromoteConfig, SchedulerConfig,
     Section, TrainConfig, check_metric_names, monitor_mode,
 )
 from ratchet.config.image import AugmentConfig, ImageData, ImagePipeline, ImagePrepare  # noqa: F401

@@ -75,6 +75,17 @@ class TrainConfig(Section):
         return self
 
 
+class ClassifierTrainConfig(TrainConfig):
+    """Training of a classifier: TrainConfig plus what imbalanced classes need."""
+
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight each class's loss by n / (classes x its training count), so rare "
+                            "classes count as much as common ones (logged as class_weight.<class>)")
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle", description="shuffle: every training sample once per epoch; balanced: draw each epoch's "
+                               "samples with replacement, every class equally likely")
+
+
 class EvaluateConfig(Section):
     out_dir: ProjectPath = Field(description="classification report, confusion matrix, predictions.csv")
     metrics: ProjectPath = Field(description="metrics.json for `dvc metrics` (kept in git, outside out_dir)")
@@ -113,3 +124,48 @@ def check_metric_names(train: TrainConfig, promote: PromoteConfig, monitors: tup
     if promote.direction != wanted:
         raise ValueError(f"promote.direction: {promote.metric} is {'higher' if wanted == 'maximize' else 'lower'}"
                          f"-is-better; set {wanted} (got {promote.direction!r})")
+
+
+class CsvData(Section):
+    """Where a family's CSV data is and how to read it (tabular and sequence share it).
+
+    One file: `source` is the CSV. Separate files (a given test file, a given validation file):
+    `source` is the folder holding them and `train`, `test`, `val` name files under it, so that
+    DVC, which tracks `source`, sees a change to any of them."""
+
+    source: ProjectPath = Field(description="the CSV file; or, with data.train set, the folder holding the files")
+    train: str | None = Field(None, description="training CSV under the source folder; null: source is the CSV")
+    val: str | None = Field(None, description="validation CSV under the source folder (needs data.train); "
+                                              "null: the last or a stratified share of the training file")
+    test: str | None = Field(None, description="test CSV under the source folder (needs data.train); "
+                                               "null: held out from the training file")
+    columns: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None, description="column names for CSVs without a header row (every file then has none); "
+                          "null: the first row is the header")
+    delimiter: str = Field(",", min_length=1, max_length=1, description="field separator, e.g. ';' or '\\t'")
+
+    @model_validator(mode="after")
+    def _files(self) -> CsvData:
+        for key in ("val", "test"):
+            if getattr(self, key) is not None and self.train is None:
+                raise ValueError(f"{key}: separate files need data.train as well: data.source is then the folder "
+                                 f"holding them, e.g. source: data/water, train: water_train.csv, "
+                                 f"{key}: water_{key}.csv (so DVC tracks every file)")
+        for key in ("train", "val", "test"):
+            name = getattr(self, key)
+            if name is not None and (Path(name).is_absolute() or ".." in Path(name).parts):
+                raise ValueError(f"{key}: {name!r} must be a path under data.source (DVC tracks data.source)")
+        names = [n for n in (self.train, self.val, self.test) if n is not None]
+        if len(set(names)) < len(names):
+            raise ValueError(f"train, val and test name the same file ({', '.join(names)})")
+        if self.columns is not None and len(set(self.columns)) < len(self.columns):
+            repeated = next(c for c in self.columns if self.columns.count(c) > 1)
+            raise ValueError(f"columns: {repeated!r} appears more than once")
+        return self
+
+    def file(self, split: str) -> Path | None:
+        """The CSV of `split` ('train', 'val' or 'test'), None when it is held out of the training file."""
+        if split == "train":
+            return self.source if self.train is None else self.source / self.train
+        name = getattr(self, split)
+        return None if name is None else self.source / name

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig
+from ratchet.config.base import ClassifierTrainConfig, EvaluateConfig, ProjectPath, PromoteConfig, Section
 from ratchet.config.models import ImageModelConfig
 
 
@@ -61,6 +61,6 @@ class ImagePipeline(Section):
     prepare: ImagePrepare
     augment: AugmentConfig = AugmentConfig()
     model: ImageModelConfig
-    train: TrainConfig
+    train: ClassifierTrainConfig
     evaluate: EvaluateConfig
     promote: PromoteConfig

@@ -7,18 +7,20 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig
+from ratchet.config.base import CsvData, EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig
 from ratchet.config.models import SequenceModelConfig
 
 
-class SequenceData(Section):
-    source: ProjectPath = Field(description="CSV with a header row: a timestamp column and value columns")
-    test: ProjectPath | None = Field(None, description="a separate CSV of later test data, same columns; "
-                                                       "null: the last test_fraction of source")
+class SequenceData(CsvData):
+    """The series: one CSV (`source`), or a folder with `train`, and optionally later `val` and
+    `test` files (see CsvData)."""
+
     timestamp: str = Field("timestamp", min_length=1, description="name of the timestamp column")
     target: str = Field(min_length=1, description="the value column to forecast")
     features: list[str] | None = Field(None, description="value columns the model reads; null: the target alone")
-    frequency: str | None = Field(None, description="step between rows, e.g. 15min or 1h; null: the most common step")
+    frequency: str | None = Field(None, description="step between rows as a pandas frequency: a fixed one (15min, "
+                                                    "1h, 1D) or a calendar one (B business days, W-SUN, MS/ME "
+                                                    "month start/end, QS, YS); null: inferred from the timestamps")
     unsorted: Literal["sort", "fail"] = Field("sort", description="rows out of time order: sort them, or stop")
     duplicates: Literal["fail", "first", "mean"] = Field(
         "fail", description="repeated timestamps: stop, keep the first row, or average them")
@@ -32,8 +34,10 @@ class SequenceData(Section):
 
 class SequencePrepare(Section):
     out_dir: ProjectPath = Field(description="directory of the prepared series and meta.json")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="last share of the training part, for validation")
-    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="last share of source for test, when data.test is null")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="last share of the training file before the test "
+                                                                "part, for validation, when data.val is null")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="last share of the training file for test, "
+                                                                 "when data.test is null")
     scaler: Literal["standard", "minmax", "none"] = Field(
         "standard", description="per-column scaling fitted on the training part only")
 

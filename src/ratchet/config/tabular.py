@@ -6,23 +6,27 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ratchet.config.base import EvaluateConfig, ProjectPath, PromoteConfig, Section, TrainConfig
+from ratchet.config.base import ClassifierTrainConfig, CsvData, EvaluateConfig, PromoteConfig, ProjectPath, Section
 from ratchet.config.models import MLPConfig
 
 
-class TabularData(Section):
-    source: ProjectPath = Field(description="CSV file, one row per sample, a header row")
+class TabularData(CsvData):
     label: str = Field(min_length=1, description="name of the label column (numbers or strings)")
     exclude: list[str] = Field([], description="columns to ignore, e.g. an id column")
 
 
 class TabularPrepare(Section):
     out_dir: ProjectPath = Field(description="directory of the prepared arrays and meta.json")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of rows for validation")
-    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of rows for the test split")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of training rows for validation, "
+                                                                "when data.val is null")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of rows for the test split, "
+                                                                 "when data.test is null")
     impute: Literal["median", "mean", "drop"] = Field(
         "median", description="missing values: fill with the train-split median or mean, or drop those rows"
     )
+    non_finite: Literal["fail", "impute"] = Field(
+        "fail", description="inf, -inf and values beyond float32: stop naming the file, column and line, or "
+                            "treat them as missing values (prepare.impute)")
 
 
 class TabularPipeline(Section):
@@ -31,12 +35,14 @@ class TabularPipeline(Section):
     data: TabularData
     prepare: TabularPrepare
     model: MLPConfig = MLPConfig()
-    train: TrainConfig
+    train: ClassifierTrainConfig
     evaluate: EvaluateConfig
     promote: PromoteConfig
 
     @model_validator(mode="after")
     def _fractions(self) -> TabularPipeline:
-        if self.prepare.val_fraction + self.prepare.test_fraction >= 0.8:
+        val = 0 if self.data.val is not None else self.prepare.val_fraction
+        test = 0 if self.data.test is not None else self.prepare.test_fraction
+        if val + test >= 0.8:
             raise ValueError("prepare.val_fraction + prepare.test_fraction must leave at least 20% for training")
         return self

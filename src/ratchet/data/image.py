@@ -198,13 +198,35 @@ def guard_duplicates(parts: dict[str, np.ndarray], digests: np.ndarray, paths: n
 
 
 def decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
-    """One image as a (C, H, W) uint8 array: converted to `mode`, resized to `size` (W, H), bilinear."""
+    """One image as a (C, H, W) uint8 array: converted to `mode` (high-depth images by their real
+    range, see to_uint8), resized to `size` (W, H), bilinear."""
     with Image.open(path) as image:
+        if image.mode in HIGH_DEPTH:
+            image = Image.fromarray(to_uint8(np.asarray(image)), mode="L")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-with-transparency notices: converting is the point
             image = image.convert(mode)
         array = np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel of more than 8 bits
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """A high-depth single-channel image as 0..255 by its real range (Pillow's own conversion
+    clips every value above 255 to white): integers of up to 16 bits by the 16-bit range, floats
+    in [0, 1] by that range, anything else by its own minimum and maximum."""
+    values = pixels.astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if np.issubdtype(pixels.dtype, np.integer) and low >= 0 and high <= 65535:
+        low, high = 0.0, 65535.0
+    elif np.issubdtype(pixels.dtype, np.floating) and low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    if not np.isfinite([low, high]).all():
+        raise ValueError("pixel values are not finite")
+    scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def decode_all(paths: list[Path], out: np.ndarray, mode: str, size: tuple[int, int], on_bad: str,

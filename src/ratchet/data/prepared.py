@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import numpy as np
 from ratchet.errors import RatchetError
 
 META = "meta.json"
+ISO_TIME = re.compile(r"^\d{4}-\d{2}(-\d{2})?([ T]\d{1,2}:\d{2}.*)?$")
 
 
 @dataclass(frozen=True)
@@ -139,23 +141,82 @@ def write_json(path: Path, content: dict) -> None:
         raise
 
 
-def read_csv(path: Path, required: list[str], **options):
-    """A CSV with a header and data rows, as a DataFrame with every `required` column; else a
-    one-line RatchetError naming the file (missing, empty, unreadable, no rows, no such column)."""
+def read_csv(path: Path, required: list[str], columns: list[str] | None = None, delimiter: str = ",",
+             **options):
+    """A CSV's data rows as a DataFrame with every `required` column; else a one-line
+    RatchetError naming the file (missing, empty, unreadable, no rows, no such column, a column
+    name twice, no header row). `columns` names the columns of a file without a header row.
+    `frame.attrs["first_line"]` is the file line of the first data row (2, or 1 without header)."""
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
         raise RatchetError(f"{path}: file not found")
-    try:
-        frame = pd.read_csv(path, **options)
-    except pd.errors.EmptyDataError:
-        raise RatchetError(f"{path}: file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise RatchetError(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[-1]})") from None
+
+    def parse(**extra):
+        try:
+            return pd.read_csv(path, sep=delimiter, **extra)
+        except pd.errors.EmptyDataError:
+            raise RatchetError(f"{path}: file is empty") from None
+        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+            raise RatchetError(f"{path}: not a readable CSV ({str(exc).strip().splitlines()[-1]})") from None
+
+    first = [str(v).strip() for v in parse(header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0]]
+    if columns is None:
+        _check_header(path, first, delimiter)
+        frame = parse(**options)
+        frame.attrs["first_line"] = 2
+    else:
+        if len(first) != len(columns):
+            raise RatchetError(f"{path}: data.columns names {len(columns)} columns but the first row has "
+                               f"{len(first)} fields")
+        if first == list(columns):  # a header of exactly these names (e.g. numbers): read it as one
+            frame = parse(**options)
+            frame.attrs["first_line"] = 2
+        else:
+            frame = parse(header=None, names=list(columns), **options)
+            frame.attrs["first_line"] = 1
     if frame.empty:
         raise RatchetError(f"{path}: has a header but no data rows")
     for column in required:
         if column not in frame.columns:
-            raise RatchetError(f"{path}: column '{column}' not found (columns: {', '.join(map(str, frame.columns))})")
+            shown = ", ".join(map(str, frame.columns[:12])) + (", ..." if len(frame.columns) > 12 else "")
+            hint = ""
+            if columns is None and any(_is_value(name) for name in first if name):
+                hint = ("; the header looks like data: if the file has no header row, name its "
+                        f"{len(first)} columns with data.columns: [name1, name2, ...]")
+            raise RatchetError(f"{path}: column '{column}' not found (columns: {shown}){hint}")
     return frame
+
+
+def _is_value(text: str) -> bool:
+    """A number or an ISO date/time: a data value, not a column name."""
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return ISO_TIME.match(text) is not None
+
+
+def _check_header(path: Path, names: list[str], delimiter: str) -> None:
+    """Refuse a header with a name twice (pandas would rename the second), a header of numbers
+    (every non-empty name a number or an ISO date: a file without one, whose first data row would
+    be taken as names and lost), or one column
+    whose name holds another common separator."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise RatchetError(f"{path}: column name '{name}' appears twice in the header (columns {seen[name] + 1} "
+                               f"and {i + 1}); rename one")
+        seen[name] = i
+
+    given = [name for name in names if name]  # an empty field is a missing value in a data row
+    if given and all(_is_value(name) for name in given):
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise RatchetError(f"{path}: the first row ({shown}) is all numbers: the file seems to have no header row; "
+                           f"name its {len(names)} columns in params with data.columns: [name1, name2, ...]")
+    if len(names) == 1:
+        for other in (";", "\t", "|", ","):
+            if other != delimiter and other in names[0]:
+                raise RatchetError(f"{path}: the header is one column {names[0][:60]!r}; the file seems to be "
+                                   f"separated by {other!r}: set data.delimiter: {other!r}")

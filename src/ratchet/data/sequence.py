@@ -1,80 +1,107 @@
-"""Prepare a time-series CSV: parse and order the timestamps, deal with repeated and missing
-steps, split chronologically, fit the scaling on the training part only.
+"""Prepare a time-series CSV: parse and order the timestamps, find the time grid (a fixed step
+or a calendar frequency such as month starts), deal with repeated and missing steps, split
+chronologically, fit the scaling on the training part only.
 
 Writes, per split (train, val, test): `<split>_series.npy` (the input columns scaled, float32,
 T x F), `<split>_raw.npy` (the same in original units: what the registered model takes and
 what forecasts are scored against) and `<split>_time.npy` (timestamps, int64 ns). Windows are
-not stored: train and evaluate take them as views of these series (ratchet.data.windows), each
-split on its own, so no window straddles a split boundary.
+not stored: train and evaluate take them as views of these series (ratchet.data.windows).
+
+A validation or test part reads its first windows' inputs from the steps before it (the end of
+the preceding part, when the two are contiguous on the grid): those `context[split]` steps
+lead its arrays, so every step of the part is a forecast target and no target lies outside it.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pandas.tseries.frequencies import to_offset
 
 from ratchet.data.prepared import read_csv, write_prepared
 from ratchet.errors import RatchetError
 
 SPLITS = ("train", "val", "test")
 MISSING = ["", "NA", "NaN", "nan", "null"]  # an empty value, filled or refused as data.gaps says
+MAX_GRID = 100  # a frequency may add at most this many grid steps per row (a typo such as 1s on daily data)
 
 
 def prepare(cfg) -> dict:
     data, win = cfg.data, cfg.window
     columns = data.inputs
-    source = read_series(data.source, data, columns)
-    step = _step(source, data, data.source)
-    source = fill_gaps(source, step, data, data.source)
+    files = {split: data.file(split) for split in SPLITS}
+    source = read_series(files["train"], data, columns)
+    offset = grid_offset(source, data, files["train"])
+    source = fill_gaps(source, offset, data, files["train"])
+    read = {"train": source}
+    for split in ("val", "test"):
+        if files[split]:
+            read[split] = fill_gaps(read_series(files[split], data, columns), offset, data, files[split])
     n = len(source)
-    n_test = 0 if data.test is not None else round(n * cfg.prepare.test_fraction)
-    n_val = round(n * cfg.prepare.val_fraction)
-    parts = {"train": source.iloc[: n - n_val - n_test], "val": source.iloc[n - n_val - n_test : n - n_test]}
-    if data.test is None:
-        parts["test"] = source.iloc[n - n_test :]
-    else:
-        test = read_series(data.test, data, columns)
-        if test.index[0] <= source.index[-1]:
-            raise RatchetError(f"{data.test}: starts at {test.index[0]}, not after the end of "
-                               f"{Path(data.source).name} ({source.index[-1]}); test data must come later")
-        parts["test"] = test = fill_gaps(test, step, data, data.test)
+    n_test = 0 if files["test"] else round(n * cfg.prepare.test_fraction)
+    n_val = 0 if files["val"] else round(n * cfg.prepare.val_fraction)
+    parts = {"train": source.iloc[: n - n_val - n_test],
+             "val": read.get("val", source.iloc[n - n_val - n_test : n - n_test]),
+             "test": read.get("test", source.iloc[n - n_test :])}
+    where = {split: files[split] or files["train"] for split in SPLITS}
+
+    context, history = {"train": 0}, parts["train"]  # history: the contiguous steps before a part
+    for split in ("val", "test"):
+        part = parts[split]
+        if len(part) == 0:
+            raise RatchetError(f"{where[split]}: the {split} part is empty (a larger prepare.{split}_fraction)")
+        if part.index[0] <= history.index[-1]:
+            raise RatchetError(f"{where[split]}: the {split} part starts at {part.index[0]}, not after the end of "
+                               f"the part before it ({history.index[-1]}); {split} data must come later")
+        if part.index[0] == history.index[-1] + offset:
+            context[split] = min(win.input, len(history))
+            history = pd.concat([history, part])
+        else:  # a gap between the files: the part's windows start inside it
+            context[split], history = 0, part
     need = win.input + win.horizon
     for split, part in parts.items():
-        if len(part) < need:
-            where = data.test if split == "test" and data.test is not None else data.source
-            raise RatchetError(f"{where}: the {split} part has {len(part)} steps; window.input {win.input} + "
-                               f"window.horizon {win.horizon} needs at least {need} "
+        if context[split] + len(part) < need:
+            raise RatchetError(f"{where[split]}: the {split} part has {len(part)} steps"
+                               + (f" (and {context[split]} before it)" if context[split] else "")
+                               + f"; window.input {win.input} + window.horizon {win.horizon} needs at least {need} "
                                "(a longer series, a shorter window, or larger fractions)")
 
-    offset, scale = fit_scaler(parts["train"].to_numpy(np.float64), cfg.prepare.scaler)
+    offset_, scale = fit_scaler(parts["train"].to_numpy(np.float64), cfg.prepare.scaler)
     arrays = {}
-    for split, part in parts.items():
-        raw = part.to_numpy(np.float64)
-        arrays[f"{split}_series"] = ((raw - offset) / scale).astype(np.float32)
+    previous = None
+    for split in SPLITS:
+        part = parts[split]
+        lead = previous.iloc[len(previous) - context[split]:] if context[split] else part.iloc[:0]
+        whole = pd.concat([lead, part])
+        raw = whole.to_numpy(np.float64)
+        arrays[f"{split}_series"] = ((raw - offset_) / scale).astype(np.float32)
         arrays[f"{split}_raw"] = raw.astype(np.float32)
-        arrays[f"{split}_time"] = part.index.to_numpy("datetime64[ns]").astype(np.int64)
+        arrays[f"{split}_time"] = whole.index.to_numpy("datetime64[ns]").astype(np.int64)
+        previous = part if previous is None or not context[split] else pd.concat([previous, part])
     meta = {
         "family": "sequence",
-        "source": str(data.source),
-        "test_source": None if data.test is None else str(data.test),
+        "source": str(files["train"]),
+        "test_source": None if files["test"] is None else str(files["test"]),
+        "files": {split: str(where[split]) for split in SPLITS},
         "timestamp": data.timestamp,
         "inputs": columns,
         "target": data.target,
         "target_index": columns.index(data.target),
-        "frequency": _freq_text(step),
+        "frequency": freq_text(offset),
         "window": win.model_dump(),
         "input_shape": [win.input, len(columns)],
         "scaler": cfg.prepare.scaler,
-        "offset": offset.tolist(),
+        "offset": offset_.tolist(),
         "scale": scale.tolist(),
         "rows": {split: len(part) for split, part in parts.items()},
-        "windows": {split: window_count(len(part), win.input, win.horizon, split_stride(split, win.stride))
-                    for split, part in parts.items()},
+        "context": context,
+        "windows": {split: window_count(context[split] + len(part), win.input, win.horizon,
+                                        split_stride(split, win.stride)) for split, part in parts.items()},
         "span": {split: [str(part.index[0]), str(part.index[-1])] for split, part in parts.items()},
-        "cleaning": {"source": source.attrs.get("cleaning", {}),
-                     **({"test": test.attrs.get("cleaning", {})} if data.test is not None else {})},
+        "cleaning": {split: frame.attrs.get("cleaning", {}) for split, frame in read.items()},
         "serving_input": "test_raw",
     }
     return write_prepared(cfg.prepare.out_dir, arrays, meta)
@@ -83,9 +110,10 @@ def prepare(cfg) -> dict:
 def read_series(path: Path, data, columns: list[str]) -> pd.DataFrame:
     """The CSV's value `columns` indexed by parsed timestamps, in time order, one row per
     timestamp. Errors name the file, the column and the line."""
-    frame = read_csv(path, [data.timestamp, *columns], dtype=str, keep_default_na=False)  # parsed below
-
-    line = pd.RangeIndex(2, len(frame) + 2)  # file line of each row (1 is the header)
+    frame = read_csv(path, [data.timestamp, *columns], columns=data.columns, delimiter=data.delimiter, dtype=str,
+                     keep_default_na=False)  # parsed below
+    first = frame.attrs["first_line"]
+    line = pd.RangeIndex(first, len(frame) + first)  # file line of each row
     text = frame[data.timestamp].str.strip()
     times = pd.to_datetime(text, errors="coerce")  # the format of the first row, for every row
     bad = times.isna().to_numpy()
@@ -93,6 +121,8 @@ def read_series(path: Path, data, columns: list[str]) -> pd.DataFrame:
         i = int(np.argmax(bad))
         raise RatchetError(f"{path}: column '{data.timestamp}', line {line[i]}: {text.iloc[i]!r} is not a timestamp")
     values = {}
+    non_finite = 0
+    limit = np.finfo(np.float32).max
     for column in columns:
         cells = frame[column].str.strip()
         empty = cells.isin(MISSING)
@@ -101,9 +131,19 @@ def read_series(path: Path, data, columns: list[str]) -> pd.DataFrame:
         if bad.any():
             i = int(np.argmax(bad))
             raise RatchetError(f"{path}: column '{column}', line {line[i]}: {cells.iloc[i]!r} is not a number")
-        values[column] = numbers.astype(np.float64).to_numpy()
+        numbers = numbers.to_numpy(dtype=np.float64, copy=True)
+        infinite = np.abs(numbers) > limit  # inf, -inf, and what float32 cannot hold (NaN compares False)
+        if infinite.any():
+            i = int(np.argmax(infinite))
+            if data.gaps == "fail":
+                raise RatchetError(f"{path}: column '{column}', line {line[i]}: {cells.iloc[i]!r} is not a finite "
+                                   f"float32 number ({int(infinite.sum())} such values in the column; data.gaps: "
+                                   "ffill or interpolate fills them like empty values)")
+            numbers[infinite] = np.nan
+            non_finite += int(infinite.sum())
+        values[column] = numbers
     series = pd.DataFrame(values, index=pd.DatetimeIndex(times, name=data.timestamp).as_unit("ns"))
-    cleaning = {"sorted": False, "duplicates": 0}
+    cleaning = {"sorted": False, "duplicates": 0, "non_finite": non_finite}
 
     if not series.index.is_monotonic_increasing:
         back = np.flatnonzero(np.diff(series.index.asi8) < 0)[0] + 1
@@ -125,42 +165,83 @@ def read_series(path: Path, data, columns: list[str]) -> pd.DataFrame:
     return series
 
 
-def _step(series: pd.DataFrame, data, path: Path) -> pd.Timedelta:
-    """The series' time step: data.frequency, or the most common difference."""
+def grid_offset(series: pd.DataFrame, data, path: Path) -> pd.DateOffset:
+    """The series' time grid: `data.frequency` (a pandas frequency, fixed or calendar), or the
+    grid that holds every timestamp with the fewest missing steps: the most common difference,
+    or, for steps of a day or more, a calendar frequency (business days, weeks, month, quarter
+    and year starts or ends) anchored at the first timestamp."""
     if data.frequency is not None:
+        # M, Q, Y and A (with a count, an anchor): the period ends pandas now spells ME, QE, YE
+        alias = re.fullmatch(r"(\d*)([MQYA])(-[A-Z]{3})?", data.frequency.strip())
+        text = (f"{alias[1]}{alias[2].replace('A', 'Y')}E{alias[3] or ''}" if alias else data.frequency.strip())
         try:
-            step = pd.Timedelta(pd.tseries.frequencies.to_offset(data.frequency))
-        except (ValueError, TypeError):
-            raise RatchetError(f"data.frequency {data.frequency!r}: not a fixed time step (e.g. 15min, 1h, 1D)") from None
-    else:
-        if len(series) < 2:
-            raise RatchetError(f"{path}: one row is not a series")
-        step = pd.Series(np.diff(series.index.asi8)).mode().iloc[0]
-        step = pd.Timedelta(int(step), unit="ns")
-    if step <= pd.Timedelta(0):
-        raise RatchetError(f"data.frequency: the step must be positive (got {step})")
-    return step
+            offset = to_offset(text)
+        except (ValueError, TypeError, KeyError) as exc:
+            inner = re.search(r"error message: \w+\((.*)\)$", str(exc).strip("\"'"), re.S)
+            hint = (inner[1] if inner else str(exc)).strip("\"' ").splitlines()[0].rstrip(".")
+            raise RatchetError(f"data.frequency {data.frequency!r}: not a pandas frequency (e.g. 15min, 1h, 1D, B, "
+                               f"W-SUN, MS, ME, QS, YS): {hint}") from None
+        if offset.n <= 0:
+            raise RatchetError(f"data.frequency {data.frequency!r}: the step must be positive")
+        _check_size(series, offset, path)
+        return offset
+    if len(series) < 2:
+        raise RatchetError(f"{path}: one row is not a series")
+    index = series.index
+    mode = pd.Timedelta(int(pd.Series(np.diff(index.asi8)).mode().iloc[0]), unit="ns")
+    candidates = [to_offset(mode)]
+    if mode >= pd.Timedelta(days=1):
+        first = index[0]
+        quarter = "JAN FEB MAR".split()[(first.month - 1) % 3]
+        month = first.strftime("%b").upper()
+        day = first.strftime("%a").upper()
+        candidates += [to_offset(f) for f in ("B", f"W-{day}", "MS", "ME", f"QS-{quarter}", f"QE-{quarter}",
+                                               f"YS-{month}", f"YE-{month}")]
+    best = None
+    for offset in candidates:
+        if isinstance(offset, pd.offsets.Tick) and not _small_grid(series, offset):
+            continue
+        grid = pd.date_range(index[0], index[-1], freq=offset)
+        if len(grid) and grid[0] == index[0] and index.isin(grid).all() and (best is None or len(grid) < best[0]):
+            best = (len(grid), offset)
+    if best is None:
+        raise RatchetError(f"{path}: the timestamps follow no single grid (the most common step is "
+                           f"{freq_text(to_offset(mode))}, and no calendar frequency holds them all); "
+                           "set data.frequency, or fix the timestamps")
+    return best[1]
 
 
-def fill_gaps(series: pd.DataFrame, step: pd.Timedelta, data, path: Path) -> pd.DataFrame:
-    """Every step from the first timestamp to the last, each with a value in every column;
-    missing steps and empty values are an error or filled, as `data.gaps` says."""
-    offsets = (series.index.asi8 - series.index.asi8[0]) % step.value
-    if offsets.any():
-        i = int(np.argmax(offsets != 0))
-        raise RatchetError(f"{path}: timestamp {series.index[i]} is off the {_freq_text(step)} grid that starts "
-                           f"at {series.index[0]} (set data.frequency, or fix the timestamps)")
-    full = pd.date_range(series.index[0], series.index[-1], freq=step, name=series.index.name)
+def _small_grid(series: pd.DataFrame, offset) -> bool:
+    span = series.index[-1] - series.index[0]
+    return span / pd.Timedelta(offset) <= MAX_GRID * len(series) + 1000
+
+
+def _check_size(series: pd.DataFrame, offset, path: Path) -> None:
+    if isinstance(offset, (pd.offsets.Tick, pd.offsets.Day)) and not _small_grid(series, offset):
+        steps = int((series.index[-1] - series.index[0]) / pd.Timedelta(offset))
+        raise RatchetError(f"{path}: data.frequency {freq_text(offset)} makes {steps:,} steps for "
+                           f"{len(series):,} rows; is it the series' step?")
+
+
+def fill_gaps(series: pd.DataFrame, offset, data, path: Path) -> pd.DataFrame:
+    """Every step of the grid from the first timestamp to the last, each with a value in every
+    column; missing steps and empty values are an error or filled, as `data.gaps` says."""
+    full = pd.date_range(series.index[0], series.index[-1], freq=offset, name=series.index.name).as_unit("ns")
+    position = full.get_indexer(series.index)
+    if len(full) == 0 or full[0] != series.index[0] or (position < 0).any():
+        i = int(np.argmax(position < 0)) if len(full) and full[0] == series.index[0] else 0
+        raise RatchetError(f"{path}: timestamp {series.index[i]} is off the {freq_text(offset)} grid that starts "
+                           f"at {full[0] if len(full) else series.index[0]} (set data.frequency, or fix the "
+                           "timestamps)")
     missing_steps = len(full) - len(series)
     empty = {c: int(n) for c, n in series.isna().sum().items() if n}
     cleaning = {**series.attrs.get("cleaning", {}), "filled_steps": missing_steps, "filled_values": sum(empty.values())}
     if missing_steps or empty:
         if data.gaps == "fail":
             if missing_steps:
-                diffs = np.diff(series.index.asi8)
-                i = int(np.argmax(diffs > step.value))
-                raise RatchetError(f"{path}: {missing_steps} missing step(s) of {_freq_text(step)}; the first gap is "
-                                   f"after {series.index[i]}, next row {series.index[i + 1]} "
+                i = int(np.argmax(np.diff(position) > 1))
+                raise RatchetError(f"{path}: {missing_steps} missing step(s) of {freq_text(offset)}; the first gap "
+                                   f"is after {series.index[i]}, next row {series.index[i + 1]} "
                                    "(data.gaps: ffill or interpolate fills them)")
             column = next(iter(empty))
             at = series.index[series[column].isna().to_numpy()][0]
@@ -197,7 +278,8 @@ def window_count(steps: int, input: int, horizon: int, stride: int) -> int:
     return max(0, (steps - input - horizon) // stride + 1)
 
 
-def _freq_text(step: pd.Timedelta) -> str:
-    """'15min', '1h', '1D': the step as pandas writes a frequency, always with its count."""
-    text = pd.tseries.frequencies.to_offset(step).freqstr
+def freq_text(offset) -> str:
+    """'15min', '1h', '1D', '1MS', '1QS-JAN': the grid as pandas writes a frequency, always with
+    its count (pandas reads it back)."""
+    text = to_offset(offset).freqstr
     return text if text[0].isdigit() else f"1{text}"

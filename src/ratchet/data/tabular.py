@@ -1,7 +1,8 @@
 """Tabular family: a CSV with one label column becomes standardised float32 arrays.
 
-Validation names the file, the column and the line. The split is stratified by class and
-fixed by the seed. Imputation and scaling statistics come from the training split only;
+Validation names the file, the column and the line. The test and validation rows come from
+their own files (data.test, data.val) or are split off the training file, stratified by class
+and fixed by the seed; the files must have the same columns and the training file's classes. Imputation and scaling statistics come from the training split only;
 val and test are transformed with them, never used to fit them. The raw test features are
 kept too, so the promotion gate can score any registered model (which carries its own
 preprocessing) on exactly the same rows.
@@ -24,44 +25,63 @@ SPLITS = ("train", "val", "test")
 
 def prepare(cfg: TabularPipeline) -> dict:
     """Validate, split, impute, scale and write the prepared arrays; return meta.json's content."""
-    source = cfg.data.source
-    features, labels = read_table(source, cfg.data.label, cfg.data.exclude)
+    data = cfg.data
+    files = {split: data.file(split) for split in SPLITS}  # val/test None: held out of the training file
+    tables = {split: read_table(path, data, cfg.prepare.non_finite) for split, path in files.items() if path}
+    columns = list(tables["train"][0].columns)
+    first_line = tables["train"][0].attrs["first_line"]  # 1 for files without a header row
+    for split, (features, _) in tables.items():
+        _same_columns(files[split], list(features.columns), columns, files["train"])
     if cfg.prepare.impute == "drop":
-        keep = ~features.isna().any(axis=1)
-        features, labels = features[keep], labels[keep]
-        if labels.nunique() < 2:
-            raise RatchetError(f"{source}: fewer than two classes left after dropping rows with missing values")
-    classes, y = encode_labels(labels)
-    rows = features.index.to_numpy()  # 0-based data-row numbers in the CSV
-    x_raw = features.to_numpy(dtype=np.float32)
-    parts = stratified_split(y, classes, {"test": cfg.prepare.test_fraction, "val": cfg.prepare.val_fraction},
-                             cfg.seed, source)
-    parts = {split: parts[split] for split in SPLITS}
+        for split, (features, labels) in list(tables.items()):
+            keep = ~features.isna().any(axis=1)
+            tables[split] = features[keep], labels[keep]
+            if labels[keep].nunique() < 2 and split == "train":
+                raise RatchetError(f"{files[split]}: fewer than two classes left after dropping rows with "
+                                   "missing values")
+    classes, encoded = encode_labels({split: labels for split, (_, labels) in tables.items()}, files, first_line)
 
-    train_x = x_raw[parts["train"]]
-    fill = _fill_values(train_x, cfg.prepare.impute, list(features.columns), source)
-    train_filled = np.where(np.isnan(train_x), fill, train_x)
+    # rows: (file split, 0-based data-row numbers of that file) of every prepared split
+    train_x = tables["train"][0][columns].to_numpy(dtype=np.float32)
+    held_out = {split: getattr(cfg.prepare, f"{split}_fraction") for split in ("test", "val") if not files[split]}
+    parts = stratified_split(encoded["train"], classes, held_out, cfg.seed, files["train"]) if held_out \
+        else {"train": np.arange(len(train_x))}
+    rows = tables["train"][0].index.to_numpy()
+    x_raw = {split: train_x[idx] for split, idx in parts.items()}
+    y = {split: encoded["train"][idx] for split, idx in parts.items()}
+    ids = {split: rows[idx] for split, idx in parts.items()}
+    for split in ("val", "test"):
+        if files[split]:
+            features = tables[split][0]
+            x_raw[split] = features[columns].to_numpy(dtype=np.float32)
+            y[split], ids[split] = encoded[split], features.index.to_numpy()
+            if len(y[split]) == 0:
+                raise RatchetError(f"{files[split]}: no rows left for the {split} split")
+
+    fill = _fill_values(x_raw["train"], cfg.prepare.impute, columns, files["train"])
+    train_filled = np.where(np.isnan(x_raw["train"]), fill, x_raw["train"])
     mean = train_filled.mean(axis=0)
     std = train_filled.std(axis=0)
     std[std == 0] = 1.0  # a constant column scales to zeros, not NaN
 
     arrays = {}
-    for split, idx in parts.items():
-        arrays[f"{split}_x"] = transform(x_raw[idx], fill, mean, std)
-        arrays[f"{split}_y"] = y[idx]
-        arrays[f"{split}_ids"] = rows[idx]
-    arrays["test_x_raw"] = x_raw[parts["test"]]
+    for split in SPLITS:
+        arrays[f"{split}_x"] = transform(x_raw[split], fill, mean, std)
+        arrays[f"{split}_y"] = y[split]
+        arrays[f"{split}_ids"] = ids[split]
+    arrays["test_x_raw"] = x_raw["test"]
     meta = {
         "family": "tabular",
-        "id": "row",  # <split>_ids: 0-based data-row numbers of the CSV
+        "id": "row",  # <split>_ids: 0-based data-row numbers of that split's file (files)
         "serving_input": "test_x_raw",  # what a registered model takes: raw features, NaN included
-        "source": str(source),
-        "label": cfg.data.label,
-        "features": list(features.columns),
-        "input_shape": [len(features.columns)],
+        "source": str(files["train"]),
+        "files": {split: str(files[split] or files["train"]) for split in SPLITS},
+        "label": data.label,
+        "features": columns,
+        "input_shape": [len(columns)],
         "classes": classes,
-        "rows": {split: int(len(idx)) for split, idx in parts.items()},
-        "class_counts": {s: np.bincount(y[i], minlength=len(classes)).tolist() for s, i in parts.items()},
+        "rows": {split: int(len(y[split])) for split in SPLITS},
+        "class_counts": {split: np.bincount(y[split], minlength=len(classes)).tolist() for split in SPLITS},
         "impute": cfg.prepare.impute,
         "fill": fill.tolist(),
         "mean": mean.tolist(),
@@ -76,38 +96,85 @@ def transform(x: np.ndarray, fill: np.ndarray, mean: np.ndarray, std: np.ndarray
     return ((np.where(np.isnan(x), fill, x) - mean) / std).astype(np.float32)
 
 
-def read_table(source: Path, label: str, exclude: list[str]) -> tuple[pd.DataFrame, pd.Series]:
-    """Read and validate the CSV: numeric features, a label column with at least two classes."""
-    df = read_csv(source, [label, *exclude])
+def read_table(source: Path, data, non_finite: str = "fail") -> tuple[pd.DataFrame, pd.Series]:
+    """Read and validate one CSV: numeric, finite features (inf kept as missing with
+    `non_finite: impute`), a label column with no empty value, at least two classes in it."""
+    label, exclude = data.label, data.exclude
+    df = read_csv(source, [label, *exclude], columns=data.columns, delimiter=data.delimiter)
+    first_line = df.attrs["first_line"]
     labels = df[label]
     features = df.drop(columns=[label, *exclude])
     if features.shape[1] == 0:
         raise RatchetError(f"{source}: no feature columns besides the label '{label}'")
+    limit = np.finfo(np.float32).max
     for column in features.columns:
         numeric = pd.to_numeric(features[column], errors="coerce")
         bad = numeric.isna() & features[column].notna()
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             value = features[column].iloc[row]
-            raise RatchetError(f"{source}: column '{column}' is not numeric (line {row + 2}: {value!r})")
+            raise RatchetError(f"{source}: column '{column}' is not numeric (line {row + first_line}: {value!r})")
+        numeric = numeric.astype(np.float64)
+        infinite = (numeric.abs() > limit).to_numpy()  # inf, -inf, and what float32 cannot hold
+        if infinite.any():
+            if non_finite == "fail":
+                row = int(np.flatnonzero(infinite)[0])
+                raise RatchetError(
+                    f"{source}: column '{column}', line {row + first_line}: '{features[column].iloc[row]}' is not a "
+                    f"finite float32 number ({int(infinite.sum())} such values in the column; "
+                    "prepare.non_finite: impute treats them as missing)")
+            numeric[infinite] = np.nan
         features[column] = numeric
+    features.attrs["first_line"] = first_line
     missing = labels.isna().to_numpy()
     if missing.any():
-        raise RatchetError(
-            f"{source}: label column '{label}' is empty on {int(missing.sum())} rows (first: line {int(np.flatnonzero(missing)[0]) + 2})"
-        )
-    if labels.nunique() < 2:
-        raise RatchetError(f"{source}: label column '{label}' has a single class ({labels.iloc[0]!r}); need at least two")
+        raise RatchetError(f"{source}: label column '{label}' is empty on {int(missing.sum())} rows "
+                           f"(first: line {int(np.flatnonzero(missing)[0]) + first_line})")
     return features, labels
 
 
-def encode_labels(labels: pd.Series) -> tuple[list[str], np.ndarray]:
-    """Class names in sorted order (numeric order for numeric labels) and int64 class indices."""
-    values = labels.to_numpy()
-    if pd.api.types.is_float_dtype(labels) and np.all(np.mod(values, 1) == 0):
+def encode_labels(labels: dict[str, pd.Series], files: dict, first_line: int = 2
+                  ) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Class names of the training file in sorted order (numeric order for numeric labels) and
+    int64 class indices per split; a class of a validation or test file that the training file
+    lacks is an error naming it and its line."""
+    whole = pd.concat(list(labels.values()), ignore_index=True)  # one dtype for every file
+    values = whole.to_numpy()
+    if pd.api.types.is_float_dtype(whole) and np.all(np.mod(values, 1) == 0):
         values = values.astype(np.int64)  # 0.0/1.0 read as floats are the classes "0"/"1"
-    uniques, y = np.unique(values, return_inverse=True)
-    return [str(u) for u in uniques], y.astype(np.int64)
+    if values.dtype == object:
+        values = values.astype(str)
+    parts, start = {}, 0
+    for split, series in labels.items():
+        parts[split], start = values[start : start + len(series)], start + len(series)
+    uniques = np.unique(parts["train"])
+    if len(uniques) < 2:
+        raise RatchetError(f"{files['train']}: label column '{labels['train'].name}' has a single class "
+                           f"('{uniques[0]}'); need at least two")
+    encoded = {}
+    for split, part in parts.items():
+        unknown = ~np.isin(part, uniques)
+        if unknown.any():
+            i = int(np.flatnonzero(unknown)[0])
+            line = labels[split].index[i] + first_line
+            raise RatchetError(f"{files[split]}: line {line}: label '{part[i]}' is not a "
+                               f"class of the training file {Path(files['train']).name} "
+                               f"(classes: {', '.join(map(str, uniques))})")
+        encoded[split] = np.searchsorted(uniques, part).astype(np.int64)
+    return [str(u) for u in uniques], encoded
+
+
+def _same_columns(path: Path, found: list[str], expected: list[str], train: Path) -> None:
+    if found == expected:
+        return
+    missing = [c for c in expected if c not in found]
+    if missing:
+        raise RatchetError(f"{path}: column '{missing[0]}' of {Path(train).name} is missing "
+                           f"({len(missing)} missing in all)")
+    extra = [c for c in found if c not in expected]
+    if extra:
+        raise RatchetError(f"{path}: column '{extra[0]}' is not in {Path(train).name}; the files must have the "
+                           "same columns (or list it in data.exclude)")
 
 
 def _fill_values(train_x: np.ndarray, impute: str, columns: list[str], source: Path) -> np.ndarray:

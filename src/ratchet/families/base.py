@@ -10,8 +10,9 @@ default). The family decides everything that differs between kinds of data and m
 - prepare: `prepare` validates, splits and writes the prepared data, returning `meta`, a typed
   record (`Meta`) that train, evaluate and promote read back;
 - train: `samples` (what the Trainer is fed: `(inputs, targets)`, each an array or a tuple/dict
-  of arrays), `transforms`, `memory_format`, `build_model`, `objective` (loss and validation
-  metrics), `on_train_start` (extra artifacts), `check_init_from` (fine-tuning compatibility);
+  of arrays), `sample_weights` (a balanced sampler's draw weights), `transforms`, `memory_format`,
+  `build_model`, `objective` (loss and validation metrics), `on_train_start` (extra
+  artifacts), `check_init_from` (fine-tuning compatibility);
 - evaluate: `evaluate` (test metrics, DDP-exact), `write_report`, `summary`;
 - serve and promote: `serving_model`, `example_input`, `input_description`, `gate_data`, `score`.
 
@@ -113,6 +114,11 @@ class Family(ABC):
         """(loss, validation metrics): the loss returns a tensor, or `(total, {part: tensor})`;
         the metrics are a torchmetrics collection (or `MultitaskWrapper`) whose names, with a
         `val_` prefix, are the `monitors`."""
+
+    @abstractmethod
+    def sample_weights(self, cfg: Any, prepared: Prepared) -> np.ndarray | None:
+        """Per training sample, its relative chance to be drawn (a balanced sampler draws each
+        epoch with replacement by these); None: every sample once per epoch, shuffled."""
 
     @abstractmethod
     def on_train_start(self, cfg: Any, prepared: Prepared) -> None:

@@ -36,11 +36,34 @@ class ClassifierFamily(Family):
         return prepared.array(f"{split}_x"), prepared.array(f"{split}_y")
 
     def objective(self, cfg, meta: ClassificationMeta, device):
+        import torch
         from torch import nn
 
         from ratchet.evaluate.metrics import validation_metrics
 
-        return nn.CrossEntropyLoss(), validation_metrics(len(meta.classes), device)
+        weights = class_weights(cfg, meta)
+        weight = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
+        return nn.CrossEntropyLoss(weight=weight), validation_metrics(len(meta.classes), device)
+
+    def sample_weights(self, cfg, prepared) -> np.ndarray | None:
+        """`train.sampler: balanced`: each training sample drawn with probability 1 / its class's
+        count, so every class is drawn equally often."""
+        if cfg.train.sampler != "balanced":
+            return None
+        y = np.asarray(prepared.array("train_y"))
+        return 1.0 / np.bincount(y, minlength=len(prepared.meta.classes))[y]
+
+    def on_train_start(self, cfg, prepared) -> None:
+        """The loss weight of each class, when `train.class_weights` sets them."""
+        import re
+
+        import mlflow
+
+        weights = class_weights(cfg, prepared.meta)
+        if weights is not None:
+            mlflow.log_params({f"class_weight.{re.sub(r'[^A-Za-z0-9_. /-]', '_', name)}": round(w, 6)
+                               for name, w in zip(prepared.meta.classes, weights)})
+            print("class weights: " + ", ".join(f"{n} {w:.3g}" for n, w in zip(prepared.meta.classes, weights)))
 
     def evaluate(self, cfg, prepared, net, dist) -> tuple[dict, list[tuple[int, int]]]:
         import torch
@@ -106,3 +129,12 @@ class ClassifierFamily(Family):
             metrics.update(model(inputs), target)
         return float(metrics.compute()[metric])
 
+
+
+def class_weights(cfg, meta: ClassificationMeta) -> list[float] | None:
+    """`train.class_weights: balanced`: n / (classes x count) per class, from the training split
+    (a class seen in every split, so no count is 0); None for `none`."""
+    if cfg.train.class_weights == "none":
+        return None
+    counts = np.array(meta.class_counts["train"], dtype=np.float64)
+    return (counts.sum() / (len(counts) * counts)).tolist()

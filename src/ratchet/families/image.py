@@ -56,7 +56,7 @@ class ImageFamily(ClassifierFamily):
         return {"cnn": CNN, "lenet5": LeNet5}[model_cfg.name](meta.input_shape, classes, model_cfg)
 
     def on_train_start(self, cfg: ImagePipeline, prepared) -> None:
-        """What the leakage guard found, and a PNG grid in MLflow: 8 training images as stored,
+        """Class weights, what the leakage guard found, and a PNG grid in MLflow: 8 training images as stored,
         then three augmented draws of each."""
         import tempfile
         from pathlib import Path
@@ -68,6 +68,7 @@ class ImageFamily(ClassifierFamily):
 
         from ratchet.data.transforms import augmentation_preview
 
+        super().on_train_start(cfg, prepared)
         found = prepared.meta.duplicates
         mlflow.log_params({"data.duplicates_found.val": found["val"], "data.duplicates_found.test": found["test"]})
         x = prepared.array("train_x")

@@ -70,6 +70,9 @@ class MultiheadFamily(ImageFamily):
         return ({key: inputs[key] for key in cfg.model.inputs},
                 {head: targets[head] for head in sorted(cfg.model.heads, key=HEADS.index)})
 
+    def sample_weights(self, cfg, prepared):
+        return None  # every training sample once per epoch
+
     def transforms(self, cfg, meta, device):
         train, evaluation = super().transforms(cfg, meta, device)
         return KeyTransform("image", train), KeyTransform("image", evaluation)

@@ -21,6 +21,7 @@ METRICS = ("mse", "mae", "rmse")
 
 class SequenceMeta(PreparedMeta):
     test_source: str | None
+    files: dict[str, str]  # the CSV each split's steps come from
     timestamp: str
     inputs: list[str]
     target: str
@@ -31,6 +32,7 @@ class SequenceMeta(PreparedMeta):
     offset: list[float]
     scale: list[float]
     windows: dict[str, int]
+    context: dict[str, int]  # steps before a split that lead its arrays (inputs of its first windows)
     span: dict[str, list[str]]
     cleaning: dict
 
@@ -53,6 +55,9 @@ class SequenceFamily(Family):
 
     def samples(self, cfg, prepared, split: str) -> tuple:
         return series_windows(prepared, split, raw=False)
+
+    def sample_weights(self, cfg, prepared):
+        return None  # every training sample once per epoch
 
     def transforms(self, cfg, meta, device):
         return None, None  # prepare wrote scaled series

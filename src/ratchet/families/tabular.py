@@ -11,6 +11,7 @@ from ratchet.families.classification import ClassificationMeta, ClassifierFamily
 
 
 class TabularMeta(ClassificationMeta):
+    files: dict[str, str]  # the CSV each split's rows come from (<split>_ids: 0-based data rows of it)
     label: str
     features: list[str]
     impute: str
@@ -41,9 +42,6 @@ class TabularFamily(ClassifierFamily):
         from ratchet.models.mlp import MLP
 
         return MLP(len(meta.features), len(meta.classes), model_cfg)
-
-    def on_train_start(self, cfg, prepared) -> None:
-        pass  # the params and the data hash say it all
 
     def check_init_from(self, saved_model_cfg: dict, cfg, source: str) -> None:
         pass  # matching shapes are the whole compatibility of an MLP

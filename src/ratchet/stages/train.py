@@ -84,7 +84,8 @@ def _train(params: Params, name: str, cfg: PipelineConfig, family: Family, prepa
     scheduler = build_scheduler(cfg.train.scheduler, optimizer, cfg.train.epochs, mode)
     train_transform, eval_transform = family.transforms(cfg, meta, dist.device)
     train_loader = BatchLoader(family.samples(cfg, prepared, "train"), cfg.train.batch_size // dist.world_size, dist,
-                               train=True, seed=cfg.seed, transform=train_transform)
+                               train=True, seed=cfg.seed, transform=train_transform,
+                               weights=family.sample_weights(cfg, prepared))
     val_loader = BatchLoader(family.samples(cfg, prepared, "val"), cfg.evaluate.batch_size, dist, train=False,
                              transform=eval_transform)
     chash = config_hash(cfg.model, cfg.train.model_dump(mode="json", exclude={"out_dir", "checkpoint"}),

@@ -12,7 +12,8 @@ batches are the same. An optional `transform` (augmentation, normalisation) is a
 batch's inputs (its first element) on the device.
 
 Training order comes from torch's `DistributedSampler` (shuffled by seed, `set_epoch` every
-epoch, padded so every process runs the same number of steps). Evaluation shards without
+epoch, padded so every process runs the same number of steps), or, for a balanced sampler,
+from weighted draws with replacement made the same way on every process. Evaluation shards without
 padding (`range(rank, n, world_size)`), so each sample is counted exactly once.
 """
 
@@ -50,10 +51,12 @@ class BatchLoader:
         seed: int = 0,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         preload_bytes: int | None = None,
+        weights: np.ndarray | None = None,
     ):
         """`samples` is a tuple, usually `(inputs, targets)`, whose leaves all have one row per
         sample; `batch_size` is per process; `train` selects shuffled+padded vs
-        in-order+unpadded."""
+        in-order+unpadded; `weights` (training only) makes each epoch a balanced draw with
+        replacement, sample i with probability proportional to weights[i]."""
         budget = default_preload_bytes(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if preload_bytes is None \
             else preload_bytes
         samples = tuple(samples)
@@ -72,11 +75,13 @@ class BatchLoader:
         self.dist = dist
         self.train = train
         self.transform = transform
-        self.sampler = (
-            DistributedSampler(range(self.n), num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
-            if train
-            else None
-        )
+        if not train:
+            self.sampler = None
+        elif weights is not None:
+            self.sampler = WeightedDistributedSampler(weights, dist.world_size, dist.rank, seed)
+        else:
+            self.sampler = DistributedSampler(range(self.n), num_replicas=dist.world_size, rank=dist.rank,
+                                              shuffle=True, seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:
@@ -133,6 +138,33 @@ class BatchLoader:
                     pending = reader.submit(read, starts[i + 1])
                 device = self.dist.device
                 yield batch.to(device), tree_map(lambda t: t.to(device, non_blocking=pin), tensors)
+
+
+class WeightedDistributedSampler:
+    """Each epoch, `len(weights)` draws with replacement (sample i with probability weights[i] /
+    sum), from a generator seeded by (seed, epoch) and so the same on every process; the draws
+    are padded to a multiple of the process count and dealt out like DistributedSampler's."""
+
+    def __init__(self, weights: np.ndarray, world_size: int, rank: int, seed: int):
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.ndim != 1 or len(weights) == 0 or not np.all(np.isfinite(weights)) or (weights < 0).any() \
+                or weights.sum() <= 0:
+            raise ValueError("sample weights must be finite, non-negative and not all zero")
+        self.weights = torch.from_numpy(weights)
+        self.world_size, self.rank, self.seed, self.epoch = world_size, rank, seed, 0
+        self.num_samples = -(-len(weights) // world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draws = torch.multinomial(self.weights, self.num_samples * self.world_size, replacement=True,
+                                  generator=generator)
+        return iter(draws[self.rank :: self.world_size].tolist())
 
 
 def _tensor(array):
