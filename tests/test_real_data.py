@@ -301,3 +301,42 @@ def test_balanced_sampler_draws_every_class_equally_and_ranks_share_one_draw(pro
                                generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     assert interleaved == shared
     assert get_family("tabular").sample_weights(_prepare(project)[0], prepared) is None
+
+
+def test_balanced_weights_apply_to_every_head_of_a_multihead_network(tmp_path):
+    from conftest import make_group_tree
+
+    make_group_tree(tmp_path / "data/raw/groups", groups=("Alpha",), per_group=5)  # 5 characters
+    make_group_tree(tmp_path / "data/raw/groups", groups=("Beta",), per_group=2, seed=1)  # 2: a rare group
+    cfg, prepared = _prepare(tmp_path, "multihead", **{"multihead.train.class_weights": "balanced"})
+    meta = prepared.meta
+    loss, _ = get_family("multihead").objective(cfg, meta, torch.device("cpu"))
+    outputs = {"class": torch.randn(4, 7), "group": torch.randn(4, 2)}
+    targets = {"class": torch.tensor([0, 1, 5, 6]), "group": torch.tensor([0, 0, 1, 1])}
+    _, parts = loss(outputs, targets)
+    classes = np.array(meta.class_counts["train"], dtype=np.float64)
+    groups = np.bincount(meta.class_group, weights=classes)
+    assert groups[0] > 2 * groups[1]
+    for head, counts in (("class", classes), ("group", groups)):
+        weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+        want = torch.nn.functional.cross_entropy(outputs[head], targets[head], weight=weight)
+        torch.testing.assert_close(parts[head], want)
+    assert get_family("multihead").sample_weights(cfg, prepared) is None  # sampler: shuffle
+
+
+def test_training_with_balanced_weights_and_sampler_logs_the_weights(project):
+    from conftest import mlflow_client
+
+    from ratchet.cli import main
+
+    _imbalanced(project)
+    write_params(project, tiny_params(**{"tabular.train.class_weights": "balanced",
+                                         "tabular.train.sampler": "balanced", "tabular.train.epochs": 2}))
+    for stage in ("prepare", "train"):
+        assert main([stage, "tabular", "--params", str(project / "params.yaml")]) == 0
+    run_id = json.loads((project / "models/tabular/run.json").read_text())["run_id"]
+    logged = mlflow_client(project).get_run(run_id).data.params
+    counts = np.array(load_prepared(project / "data/prepared/tabular").meta.class_counts["train"])
+    want = counts.sum() / (3 * counts)
+    assert [float(logged[f"class_weight.class_{c}"]) for c in range(3)] == pytest.approx(want, rel=1e-5)
+    assert logged["train.sampler"] == "balanced"

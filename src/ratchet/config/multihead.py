@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from ratchet.config.base import EvaluateConfig, PromoteConfig, Section, TrainConfig
+from ratchet.config.base import ClassifierTrainConfig, EvaluateConfig, PromoteConfig, Section
 from ratchet.config.image import AugmentConfig, ImageData, ImagePrepare
 
 Input = Literal["image", "group"]
@@ -53,7 +53,7 @@ class MultiheadPipeline(Section):
     prepare: ImagePrepare
     augment: AugmentConfig = AugmentConfig()
     model: MultiheadModelConfig = MultiheadModelConfig()
-    train: TrainConfig
+    train: ClassifierTrainConfig
     evaluate: EvaluateConfig
     promote: PromoteConfig
 

@@ -70,8 +70,17 @@ class MultiheadFamily(ImageFamily):
         return ({key: inputs[key] for key in cfg.model.inputs},
                 {head: targets[head] for head in sorted(cfg.model.heads, key=HEADS.index)})
 
-    def sample_weights(self, cfg, prepared):
-        return None  # every training sample once per epoch
+    def on_train_start(self, cfg: MultiheadPipeline, prepared) -> None:
+        """The image family's, and the group head's loss weights when `train.class_weights` sets them."""
+        import re
+
+        import mlflow
+
+        super().on_train_start(cfg, prepared)
+        balanced = _balanced_weights(cfg, prepared.meta)
+        if balanced is not None and "group" in cfg.model.heads:
+            mlflow.log_params({f"class_weight.group.{re.sub(r'[^A-Za-z0-9_. /-]', '_', name)}": round(w, 6)
+                               for name, w in zip(prepared.meta.groups, balanced["group"])})
 
     def transforms(self, cfg, meta, device):
         train, evaluation = super().transforms(cfg, meta, device)
@@ -83,16 +92,20 @@ class MultiheadFamily(ImageFamily):
         return MultiHeadNet(meta.input_shape, len(meta.groups), _outputs(meta), model_cfg)
 
     def objective(self, cfg: MultiheadPipeline, meta: MultiheadMeta, device):
+        import torch
         from torch import nn
         from torchmetrics import MultitaskWrapper
 
         from ratchet.evaluate.metrics import validation_metrics
 
         weights = dict(cfg.model.heads)
-        cross_entropy = nn.CrossEntropyLoss()
+        balanced = _balanced_weights(cfg, meta)
+        losses = {head: nn.CrossEntropyLoss(weight=None if balanced is None else
+                                            torch.tensor(balanced[head], dtype=torch.float32, device=device))
+                  for head in weights}
 
         def loss(outputs: dict, targets: dict):
-            parts = {head: cross_entropy(outputs[head], targets[head]) for head in weights}
+            parts = {head: losses[head](outputs[head], targets[head]) for head in weights}
             return sum(weights[head] * part for head, part in parts.items()), parts
 
         sizes = _outputs(meta)
@@ -213,6 +226,16 @@ class MultiheadFamily(ImageFamily):
         for inputs, targets in chunks(x, y):  # the served model takes its inputs positionally, in order
             metrics.update(model(*inputs.values())[head], targets[head])
         return float(metrics.compute()[name])
+
+
+def _balanced_weights(cfg: MultiheadPipeline, meta: MultiheadMeta) -> dict[str, list[float]] | None:
+    """`train.class_weights: balanced` per head: n / (classes x count) of the class head's classes,
+    and of the groups (each group counting the training samples of its classes)."""
+    if cfg.train.class_weights == "none":
+        return None
+    classes = np.array(meta.class_counts["train"], dtype=np.float64)
+    groups = np.bincount(meta.class_group, weights=classes, minlength=len(meta.groups))
+    return {head: (c.sum() / (len(c) * c)).tolist() for head, c in (("class", classes), ("group", groups))}
 
 
 def _outputs(meta: MultiheadMeta) -> dict[str, int]:
