@@ -146,7 +146,7 @@ def test_evaluation_under_two_processes_equals_one(trained, tmp_path):
         results[nproc] = (json.loads((project / "reports/sequence/metrics.json").read_text()),
                           (project / "reports/sequence/evaluation/predictions.csv").read_text())
     (one, one_rows), (two, two_rows) = results[1], results[2]
-    assert two["windows"] == one["windows"] == 70
+    assert two["windows"] == one["windows"] == 96 - HORIZON + 1
     assert two.keys() == one.keys()
     for key, value in one.items():
         if key == "per_step":
