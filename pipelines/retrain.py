@@ -114,8 +114,9 @@ def summary(results: dict, params_file: str) -> str:
         report = ", ".join(sorted(p.name for p in cfg.evaluate.out_dir.iterdir() if p.suffix in (".txt", ".png")))
         lines += [
             f"{name}: test {get_family(cfg.family).summary(metrics)}; "
-            f"{promo['registered_model']} v{promo['version']} {'promoted' if promo['promoted'] else 'not promoted'}: "
-            f"{promo['reason']}",
+            f"{promo['registered_model']} v{promo['version']} "
+            + ("promoted" if promo["promoted"] else "stays @champion" if promo["champion_after"] == promo["version"]
+               else "not promoted") + f": {promo['reason']}",
             f"  champion      models:/{promo['registered_model']}@champion (v{promo['champion_after']})",
             f"  metrics       {rel(cfg.evaluate.metrics)}   (dvc metrics show)",
             f"  report        {rel(cfg.evaluate.out_dir)}/{report}",

@@ -75,8 +75,11 @@ def test_promote_rerun_registers_nothing_new(project):
     stage(project, prepare)
     first = train_and_promote(project, **GOOD)
     again = stage(project, promote, **GOOD)
-    assert again["version"] == first["version"] and again["promoted"]
-    assert again["reason"] == f"v{first['version']} is already @champion"
+    assert again["version"] == first["version"] and not again["promoted"] and again["champion_unchanged"]
+    assert again["reason"] == f"v{first['version']} is @champion already: champion unchanged"
+    assert again["champion_after"] == first["version"]
+    tags = mlflow_client(project).get_model_version("tabular", str(first["version"])).tags
+    assert tags["ratchet.promotion.promoted"] == "true"  # the decision that promoted it stays recorded
     assert len(mlflow_client(project).search_model_versions("name='tabular'")) == 1
     run_id = json.loads((project / "models/tabular/run.json").read_text())["run_id"]
     version = mlflow_client(project).get_model_version("tabular", "1")
@@ -86,13 +89,18 @@ def test_promote_rerun_registers_nothing_new(project):
 def test_champion_is_rescored_on_the_current_test_split(project):
     stage(project, prepare)
     first = train_and_promote(project, **GOOD)
-    stage(project, prepare, **{**GOOD, "tabular.seed": 99})  # another split: other test rows
-    second = train_and_promote(project, **{**GOOD, "tabular.seed": 99})
+    other = {**GOOD, "tabular.seed": 99, "tabular.promote.min_samples": 1}
+    stage(project, prepare, **other)  # another split: other test rows
+    second = train_and_promote(project, **other)
     cfg = load_params(project / "params.yaml").pipeline("tabular")
-    x = np.load(cfg.prepare.out_dir / "test_x_raw.npy")
-    y = np.load(cfg.prepare.out_dir / "test_y.npy")
     family = get_family("tabular")
-    meta = family.load(cfg.prepare.out_dir).meta
+    prepared = family.load(cfg.prepare.out_dir)
+    meta = prepared.meta
+    # the champion's own training rows are left out (tests/test_gate.py); the rest is scored now
+    champion = mlflow_client(project).get_model_version("tabular", "1")
+    _, keep = promote.unseen(family, cfg, prepared, {"champion": champion})
+    x = np.load(cfg.prepare.out_dir / "test_x_raw.npy")[keep]
+    y = np.load(cfg.prepare.out_dir / "test_y.npy")[keep]
     now = promote.score_model(family, cfg, "models:/tabular/1", meta, x, y, "f1_macro")
     assert second["champion_before"]["score"] == pytest.approx(now)
     assert now != pytest.approx(first["score"])  # the number stored from the old split was not used

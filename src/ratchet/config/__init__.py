@@ -93,8 +93,41 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             check_metric_names(cfg.train, cfg.promote, fam.monitors, fam.gate_metrics)
         except ValueError as exc:
             raise RatchetError(f"{file.name}: {where}.{exc}") from None
+        check_outputs(cfg, file, where)
         pipelines[name] = cfg
     return Params(file=file, demo=demo, pipelines=pipelines)
+
+
+OUTPUTS = ("prepare.out_dir", "train.out_dir", "train.checkpoint", "evaluate.out_dir", "evaluate.metrics",
+           "evaluate.plots", "promote.out")
+PROTECTED = ("params.yaml", "dvc.yaml", "dvc.lock", ".git", ".dvc", "src", "pipelines", "tests")
+
+
+def check_outputs(cfg: BaseModel, file: Path, where: str) -> None:
+    """Refuse an output path that a stage's rewrite would destroy something with: outside the
+    project, the project itself or a folder holding it, the project's own files (params.yaml,
+    dvc.yaml, .git, src, ...), or one that equals, holds or lies inside the pipeline's input
+    (`data.source`). A stage replaces its output directory on every run: these are checked
+    before anything is touched."""
+    root = file.parent
+    source = Path(cfg.data.source)
+    for key in OUTPUTS:
+        section, field = key.split(".")
+        path = Path(getattr(getattr(cfg, section), field))
+        prefix = f"{file.name}: {where}.{key}: {path}"
+        if not path.is_relative_to(root):
+            raise RatchetError(f"{prefix} is outside the project ({root}); outputs are written inside it")
+        if path == root:
+            raise RatchetError(f"{prefix} is the project folder; a stage replaces its output on every run")
+        for name in PROTECTED:
+            own = root / name
+            if own == path or own.is_relative_to(path) or path.is_relative_to(own):
+                what = "holds" if own.is_relative_to(path) and own != path else "is" if own == path else "is inside"
+                raise RatchetError(f"{prefix} {what} the project's {name}; a stage replaces its output on every run")
+        if source == path or source.is_relative_to(path) or path.is_relative_to(source):
+            what = "is" if source == path else "holds" if source.is_relative_to(path) else "is inside"
+            raise RatchetError(f"{prefix} {what} the input {source} (data.source); an output is replaced on every "
+                               "run, so it must not touch the data it is made from")
 
 
 def _validate(model: type[BaseModel], raw: object, prefix: str, file: Path, context: dict) -> BaseModel:

@@ -100,6 +100,8 @@ class PromoteConfig(Section):
     metric: str = Field("f1_macro", description="test metric the gate compares (the family lists its choices)")
     direction: Literal["maximize", "minimize"] = Field("maximize", description="which way is better")
     min_delta: float = Field(0.0, ge=0, description="the new model must beat the champion by more than this")
+    min_samples: int = Field(30, ge=1, description="when test samples are left out as a model's training data, "
+                                                  "the fewest that must remain; fewer refuses the promotion")
     out: ProjectPath = Field(description="promotion.json: the decision and its reason")
 
 

@@ -88,6 +88,7 @@ def prepare(cfg: ImagePipeline, family: str = "image", scan=None, extra_meta=Non
             del out
             writer.save(f"{split}_y", labels[idx])
             writer.save(f"{split}_ids", paths[idx])
+            writer.save(f"{split}_keys", digest_keys(digests[idx]))  # the gate's overlap check (file contents)
         mean, std = channel_stats(decoded, parts["train"])
         del decoded
         (writer.tmp / "decoded.tmp").unlink()
@@ -208,6 +209,11 @@ def decode(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
             image = image.convert(mode)
         array = np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def digest_keys(digests: np.ndarray) -> np.ndarray:
+    """64-bit sample keys from SHA-256 hex digests of the files' bytes (their first 16 hex digits)."""
+    return np.array([int(d[:16], 16) for d in digests], dtype=np.uint64)
 
 
 HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # one channel of more than 8 bits

@@ -126,6 +126,22 @@ def load_prepared(prepared_dir: Path, meta_type) -> Prepared:
     return Prepared(dir=prepared_dir, meta=meta)
 
 
+def row_keys(*columns: np.ndarray) -> np.ndarray:
+    """A 64-bit content key per row of the given arrays (rows aligned): BLAKE2b of the row's
+    bytes, NaN written one way. Two rows with the same values have the same key, whatever file
+    or split they came from: the promotion gate compares test rows with the rows a registered
+    model trained on by these keys."""
+    rows = []
+    for column in columns:
+        array = np.ascontiguousarray(column)
+        if array.dtype.kind == "f":
+            array = np.where(np.isnan(array), np.nan, array)  # one NaN bit pattern
+        rows.append(array.reshape(len(array), -1).view(np.uint8).reshape(len(array), -1))
+    data = np.concatenate(rows, axis=1) if rows else np.zeros((0, 0), np.uint8)
+    return np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little")
+                     for row in data], dtype=np.uint64)
+
+
 def write_json(path: Path, content: dict) -> None:
     """Write a JSON file atomically (temporary file in the same directory, then rename)."""
     path = Path(path)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from pandas.tseries.frequencies import to_offset
 
-from ratchet.data.prepared import read_csv, write_prepared
+from ratchet.data.prepared import read_csv, row_keys, write_prepared
 from ratchet.errors import RatchetError
 
 SPLITS = ("train", "val", "test")
@@ -80,6 +80,7 @@ def prepare(cfg) -> dict:
         arrays[f"{split}_series"] = ((raw - offset_) / scale).astype(np.float32)
         arrays[f"{split}_raw"] = raw.astype(np.float32)
         arrays[f"{split}_time"] = whole.index.to_numpy("datetime64[ns]").astype(np.int64)
+        arrays[f"{split}_keys"] = row_keys(arrays[f"{split}_time"], raw)  # a step: its time and values
         previous = part if previous is None or not context[split] else pd.concat([previous, part])
     meta = {
         "family": "sequence",

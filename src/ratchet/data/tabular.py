@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ratchet.config import TabularPipeline
-from ratchet.data.prepared import read_csv, write_prepared
+from ratchet.data.prepared import read_csv, row_keys, write_prepared
 from ratchet.data.split import stratified_split
 from ratchet.errors import RatchetError
 
@@ -69,6 +69,7 @@ def prepare(cfg: TabularPipeline) -> dict:
         arrays[f"{split}_x"] = transform(x_raw[split], fill, mean, std)
         arrays[f"{split}_y"] = y[split]
         arrays[f"{split}_ids"] = ids[split]
+        arrays[f"{split}_keys"] = row_keys(x_raw[split])  # the gate's overlap check (raw feature values)
     arrays["test_x_raw"] = x_raw["test"]
     meta = {
         "family": "tabular",

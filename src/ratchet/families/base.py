@@ -14,7 +14,8 @@ default). The family decides everything that differs between kinds of data and m
   `build_model`, `objective` (loss and validation metrics), `on_train_start` (extra
   artifacts), `check_init_from` (fine-tuning compatibility);
 - evaluate: `evaluate` (test metrics, DDP-exact), `write_report`, `summary`;
-- serve and promote: `serving_model`, `example_input`, `input_description`, `gate_data`, `score`.
+- serve and promote: `serving_model`, `example_input`, `input_description`, `gate_data`,
+  `sample_keys` (what the gate's overlap check compares), `score`.
 
 Hooks import torch and friends inside their bodies: loading params (every stage does) imports
 each family's module, and the prepare stage must not pay for torch.
@@ -161,6 +162,13 @@ class Family(ABC):
     @abstractmethod
     def gate_data(self, cfg: Any, prepared: Prepared) -> tuple:
         """(raw test inputs, test targets) that the gate scores every registered model on."""
+
+    @abstractmethod
+    def sample_keys(self, cfg: Any, prepared: Prepared, split: str) -> np.ndarray:
+        """Content keys (uint64) of a split's samples, one row per sample in `samples` /
+        `gate_data` order, one column per key: a test sample whose keys meet the keys of what a
+        model trained on (train and val: the fingerprint kept with each registered version)
+        is left out of the gate's comparison."""
 
     @abstractmethod
     def score(self, cfg: Any, model: nn.Module, meta: PreparedMeta, x, y, metric: str) -> float:

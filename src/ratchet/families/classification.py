@@ -118,6 +118,10 @@ class ClassifierFamily(Family):
     def gate_data(self, cfg, prepared) -> tuple:
         return prepared.array(prepared.meta.serving_input), prepared.array("test_y")
 
+    def sample_keys(self, cfg, prepared, split: str) -> np.ndarray:
+        """One key per sample: the content of its CSV row's features, or of its image file."""
+        return np.asarray(prepared.array(f"{split}_keys"))[:, None]
+
     def score(self, cfg, model, meta: ClassificationMeta, x, y, metric: str) -> float:
         import torch
 

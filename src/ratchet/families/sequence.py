@@ -173,6 +173,19 @@ class SequenceFamily(Family):
     def gate_data(self, cfg, prepared) -> tuple:
         return series_windows(prepared, "test", raw=True)
 
+    def sample_keys(self, cfg, prepared, split: str):
+        """A window's keys are those of its target steps (time and values): a test window is left
+        out when a model was trained to forecast any of them. Inputs read from before a part
+        are context, not training targets."""
+        import numpy as np
+
+        from ratchet.data.sequence import split_stride
+
+        keys, w = np.asarray(prepared.array(f"{split}_keys")), prepared.meta.window
+        stride = split_stride(split, w["stride"])
+        starts = w["input"] + stride * np.arange(prepared.meta.windows[split])
+        return keys[starts[:, None] + np.arange(w["horizon"])]
+
     def score(self, cfg, model, meta, x, y, metric: str) -> float:
         """Errors summed in float64, as the evaluate stage does."""
         import torch

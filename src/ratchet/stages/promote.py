@@ -2,22 +2,31 @@
 
 The train stage registered the run's model as a new version of `promote.registered_model`.
 This stage scores that version and the current `@champion` on the same test split, now (never
-a number stored from other data): both are loaded from the registry, raw test inputs in, so
-each applies its own preprocessing. `@champion` moves only if the new version is better by more than
+a number stored from other data), leaving out every test sample that either of them trained
+on (each version keeps a fingerprint of its training and validation samples): both are loaded
+from the registry (pt2 only: nothing pickled is run), raw test inputs in, so each applies its
+own preprocessing. `@champion` moves only if the new version is better by more than
 `promote.min_delta`. The decision and reason are tagged on the version and written to
 `promote.out` (promotion.json).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 
 from ratchet.config import Params
 from ratchet.data.prepared import write_json
 from ratchet.families import Family, get_family
 from ratchet.stages import stage_name
-from ratchet.tracking.registry import Decision, champion_version, check_comparable, decide, record
+from ratchet.errors import RatchetError
+from ratchet.tracking.registry import (
+    Decision, champion_version, check_comparable, decide, fingerprint, load_served_model, record,
+)
+from ratchet.train.batch import tree_map
 from ratchet.tracking.runs import tracked_run
 
 
@@ -34,24 +43,39 @@ def run(params: Params, name: str) -> dict:
     if champion is not None:
         check_comparable(champion, family.input_description(cfg, meta), registered)
     version = client.get_model_version(registered, str(run_info["version"]))
+    overlap, keep = unseen(family, cfg, prepared, {"challenger": version, "champion": champion})
+    if overlap["excluded"]["total"] and overlap["scored_on"] < cfg.promote.min_samples:
+        raise RatchetError(f"registered model '{registered}': only {overlap['scored_on']} of {overlap['of']} test "
+                           f"samples are unseen by both models ({_excluded_text(overlap)}); promote.min_samples is "
+                           f"{cfg.promote.min_samples}: the gate refuses to compare them (hold out new test data)")
+    if overlap["scored_on"] < overlap["of"]:
+        x, y = tree_map(lambda a: a[keep], x), tree_map(lambda a: a[keep], y)
     metric = cfg.promote.metric
     score = score_model(family, cfg, f"models:/{registered}/{version.version}", meta, x, y, metric)
     if champion is not None and champion.version == version.version:
-        decision = Decision(True, f"v{version.version} is already @champion", metric, score, version.version, score)
+        decision = Decision(False, f"v{version.version} is @champion already: champion unchanged", metric, score,
+                            version.version, score)
     else:
         rival = None
         if champion is not None:
             rival = (champion.version, score_model(family, cfg, f"models:/{registered}/{champion.version}", meta, x, y, metric))
         decision = decide(metric, score, rival, cfg.promote.direction, cfg.promote.min_delta)
-    record(client, registered, version, decision)
-    client.set_tag(run_info["run_id"], "ratchet.promoted", str(decision.promoted).lower())
+        decision = replace(decision, reason=f"{decision.reason} on {overlap['scored_on']} of {overlap['of']} test "
+                                            f"samples ({_excluded_text(overlap)})")
+    unchanged = champion is not None and champion.version == version.version
+    if not unchanged:  # a re-run keeps the tags of the decision that promoted it
+        record(client, registered, version, decision)
+        client.set_tag(run_info["run_id"], "ratchet.promoted", str(decision.promoted).lower())
 
     before = decision.champion_version
     result = {
         "registered_model": registered, "version": int(version.version), "promoted": decision.promoted,
         "reason": decision.reason, "metric": metric, "score": score,
         "champion_before": None if before is None else {"version": int(before), "score": decision.champion_score},
-        "champion_after": int(version.version) if decision.promoted else int(before),
+        "champion_after": int(version.version) if decision.promoted or unchanged else int(before),
+        "champion_unchanged": not decision.promoted,
+        "scored_on": overlap["scored_on"],
+        "overlap_excluded": overlap["excluded"],  # test samples left out: in a model's training or validation data
     }
     write_json(cfg.promote.out, result)
     verdict = "promoted to @champion" if decision.promoted else "not promoted"
@@ -59,8 +83,38 @@ def run(params: Params, name: str) -> dict:
     return result
 
 
+def unseen(family: Family, cfg, prepared, versions: dict) -> tuple[dict, np.ndarray]:
+    """Which test samples neither version trained on (by the fingerprint each version keeps of its
+    training and validation samples): a model scored on its own training data looks better than
+    it is, and a seed change or appended rows put the champion's training rows into a new test
+    split. Returns the counts (for promotion.json) and the indices of the samples to score."""
+    keys = family.sample_keys(cfg, prepared, "test")
+    seen = np.zeros(len(keys), dtype=bool)
+    excluded: dict[str, int | None] = {}
+    for role, version in versions.items():
+        if version is None:
+            continue
+        known = fingerprint(version)
+        if known is None:  # registered before fingerprints: its training data is unknown
+            excluded[role] = None
+            continue
+        hit = np.isin(keys, known).any(axis=1)
+        excluded[role] = int(hit.sum())
+        seen |= hit
+    excluded["total"] = int(seen.sum())
+    return {"of": len(keys), "scored_on": int((~seen).sum()), "excluded": excluded}, np.flatnonzero(~seen)
+
+
+def _excluded_text(overlap: dict) -> str:
+    parts = overlap["excluded"]
+    unknown = [role for role in ("champion", "challenger") if role in parts and parts[role] is None]
+    text = f"{parts['total']} excluded as training or validation data of a model"
+    return text + "".join(f"; the {role} has no fingerprint of its training data" for role in unknown)
+
+
 def score_model(family: Family, cfg, model_uri: str, meta, x, y, metric: str) -> float:
     """`metric` of the registered model at `model_uri` on raw test inputs `x` and targets `y`,
     scored by the family (the same metric code for the new version and the champion)."""
-    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
+    model = load_served_model(MlflowClient(), name, version)
     return family.score(cfg, model, meta, x, y, metric)

@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
@@ -38,7 +39,9 @@ from ratchet.evaluate.plots import curves_png
 from ratchet.families import Family, get_family, monitor_mode
 from ratchet.models import count_parameters
 from ratchet.models.finetune import freeze, load_initial_weights
-from ratchet.tracking.registry import FEATURES_TAG, champion_version, check_comparable, register
+from ratchet.tracking.registry import (
+    FEATURES_TAG, FINGERPRINT_ARTIFACT, FINGERPRINT_FILE, champion_version, check_comparable, register,
+)
 from ratchet.tracking.lineage import lineage_tags
 from ratchet.tracking.runs import RUN_FILE, flatten, mark_killed, numeric, training_run, use_tracking
 from ratchet.train.batch import tree_map
@@ -125,7 +128,7 @@ def _train(params: Params, name: str, cfg: PipelineConfig, family: Family, prepa
         result = trainer.fit()
         fit_seconds = time.perf_counter() - fit_started
         if dist.is_main:
-            _write_outputs(cfg, name, family, net, meta, trainer.history, result, run_id,
+            _write_outputs(cfg, name, family, net, prepared, trainer.history, result, run_id,
                            {"fit_seconds": fit_seconds, "startup_seconds": fit_started - started})
     if dist.is_main:
         cfg.train.checkpoint.unlink(missing_ok=True)
@@ -157,10 +160,11 @@ def _resumable(path: Path, chash: str, dist: DistInfo) -> dict | None:
     return None
 
 
-def _write_outputs(cfg: PipelineConfig, name: str, family: Family, net: torch.nn.Module, meta, history: list[dict],
-                   result: dict, run_id: str, timings: dict) -> None:
+def _write_outputs(cfg: PipelineConfig, name: str, family: Family, net: torch.nn.Module, prepared: Prepared,
+                   history: list[dict], result: dict, run_id: str, timings: dict) -> None:
     """Log the model and files to MLflow, then swap the complete output directory into place."""
     logging_started = time.perf_counter()
+    meta = prepared.meta
     out_dir = cfg.train.out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -174,6 +178,11 @@ def _write_outputs(cfg: PipelineConfig, name: str, family: Family, net: torch.nn
             writer.writeheader()
             writer.writerows(history)
         curves_png(history, tmp / "curves.png")
+        # What this model trained on (train and val sample keys): the gate leaves these out of any test split.
+        fingerprint = np.unique(np.concatenate([family.sample_keys(cfg, prepared, split).ravel()
+                                                for split in ("train", "val")]).astype(np.uint64))
+        np.save(tmp / FINGERPRINT_FILE, fingerprint)
+        mlflow.log_artifact(str(tmp / FINGERPRINT_FILE), FINGERPRINT_ARTIFACT)
         mlflow.log_metrics(numeric(result, "best_"))
         mlflow.log_artifact(str(tmp / MODEL_FILE), "checkpoint")
         mlflow.log_artifact(str(tmp / HISTORY_FILE), "training")
@@ -195,6 +204,7 @@ def _write_outputs(cfg: PipelineConfig, name: str, family: Family, net: torch.nn
             )
         version = register(MlflowClient(), cfg.promote.registered_model, info.model_uri, run_id, {
             FEATURES_TAG: family.input_description(cfg, meta), "ratchet.pipeline": name, "ratchet.data.hash": meta.data_hash,
+            "ratchet.fingerprint.samples": str(len(fingerprint)),
         })
         mlflow.set_tag("ratchet.registered_version", str(version.version))
         timings["logging_seconds"] = time.perf_counter() - logging_started

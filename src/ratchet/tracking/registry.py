@@ -19,6 +19,8 @@ from ratchet.errors import RatchetError
 
 CHAMPION = "champion"
 FEATURES_TAG = "ratchet.input"  # what the model takes as input, to refuse comparing unlike models
+FINGERPRINT_ARTIFACT = "fingerprint"  # run artifact folder: the sample keys of the data the model trained on
+FINGERPRINT_FILE = "fingerprint.npy"
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,74 @@ def record(client: MlflowClient, name: str, version: ModelVersion, decision: Dec
         client.set_model_version_tag(name, version.version, f"ratchet.promotion.{key}", json.dumps(value) if not isinstance(value, str) else value)
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
+
+
+def fingerprint(version: ModelVersion):
+    """The sorted uint64 keys of the samples (train and val) a registered version trained on, or
+    None for a version registered without one."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="ratchet-fingerprint-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=version.run_id,
+                                                       artifact_path=f"{FINGERPRINT_ARTIFACT}/{FINGERPRINT_FILE}",
+                                                       dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return np.load(Path(path), allow_pickle=False)
+
+
+def load_served_model(client: MlflowClient, name: str, version: str):
+    """The registered version's served network (an `nn.Module` on CPU), loaded without running
+    code from the registry: only MLflow's pt2 format (torch.export, weights read as tensors) is
+    accepted. A pickle-format version (`model.pth`, which unpickling would execute), a version
+    that ships code, or one without a pytorch model is refused in one line naming it."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    label = f"registered model '{name}' v{version}"
+    with tempfile.TemporaryDirectory(prefix="ratchet-model-") as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        except MlflowException as exc:
+            raise RatchetError(f"{label}: cannot be read from the registry ({exc.message.splitlines()[0]})") from None
+        try:
+            flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("pytorch")
+        except (OSError, yaml.YAMLError):
+            flavor = None
+        if not isinstance(flavor, dict):
+            raise RatchetError(f"{label}: not a PyTorch model logged by MLflow (no pytorch flavor in its MLmodel)")
+        if flavor.get("code"):
+            raise RatchetError(f"{label}: ships code ({flavor['code']}) that loading would import; refusing it")
+        data = local / str(flavor.get("model_data", "data"))
+        if (data / "model.pth").exists() or not (data / "model.pt2").is_file():
+            raise RatchetError(f"{label}: is in MLflow's pickle format, whose loading runs code stored in the "
+                               "registry; refusing it (only pt2, torch.export's format, is loaded)")
+        try:
+            from mlflow.pytorch import _validate_pt2_archive_is_pickle_free  # MLflow's own check of the archive
+        except ImportError:
+            _validate_pt2_archive_is_pickle_free = None
+        try:
+            if _validate_pt2_archive_is_pickle_free is not None:
+                _validate_pt2_archive_is_pickle_free(str(data / "model.pt2"))
+        except MlflowException:
+            raise RatchetError(f"{label}: its model.pt2 holds pickled objects, whose loading runs code; "
+                               "refusing it") from None
+        try:
+            program = torch.export.load(str(data / "model.pt2"))
+        except Exception as exc:  # a corrupt or foreign archive: one line, whatever torch raises
+            raise RatchetError(f"{label}: model.pt2 does not load ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return program.module()
 
 
 def _short(desc: str) -> str:

@@ -1,0 +1,138 @@
+"""The promotion gate's safety: registered models are loaded without running pickled code."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ratchet.errors import RatchetError
+from ratchet.tracking.registry import load_served_model
+
+
+class Planted(nn.Module):
+    """A model whose unpickling runs a shell command (what a crafted registry entry can do)."""
+
+    marker = ""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.linear(x)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    mlflow.set_experiment("gate")
+    yield mlflow.MlflowClient(uri, uri)
+    mlflow.set_tracking_uri(None)
+
+
+def _register(model, **options) -> str:
+    with mlflow.start_run(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = mlflow.pytorch.log_model(model, name="model", **options)
+    return mlflow.register_model(info.model_uri, "planted").version
+
+
+def test_a_pickle_format_version_is_refused_and_runs_nothing(store, tmp_path):
+    marker = tmp_path / "ran"
+    Planted.marker = str(marker)
+    torch.manual_seed(0)
+    good = nn.Sequential(nn.Linear(3, 2)).eval()
+    example = np.ones((2, 3), dtype=np.float32)
+    pt2 = _register(good, input_example=example, serialization_format="pt2", pip_requirements=["torch"])
+    planted = _register(Planted(), serialization_format="pickle", pip_requirements=["torch"])
+    assert not marker.exists()  # saving did not run it either
+
+    with pytest.raises(RatchetError) as info:
+        load_served_model(store, "planted", planted)
+    assert str(info.value) == (f"registered model 'planted' v{planted}: is in MLflow's pickle format, whose loading "
+                               "runs code stored in the registry; refusing it (only pt2, torch.export's format, "
+                               "is loaded)")
+    assert not marker.exists()
+
+    loaded = load_served_model(store, "planted", pt2)  # the project's own format loads
+    x = torch.from_numpy(example)
+    torch.testing.assert_close(loaded(x), good(x))
+
+
+@pytest.mark.parametrize("out_dir,message", [
+    (".", "is the project folder; a stage replaces its output on every run"),
+    ("data", "holds the input {root}/data/raw/table.csv (data.source); an output is replaced on every run, so it "
+             "must not touch the data it is made from"),
+    ("src", "is the project's src; a stage replaces its output on every run"),
+    ("../elsewhere", "is outside the project ({root}); outputs are written inside it"),
+])
+def test_an_output_path_that_would_destroy_inputs_or_the_project_is_refused_before_anything(project, out_dir,
+                                                                                             message):
+    from conftest import ratchet, tiny_params, write_params
+
+    (project / "src").mkdir()
+    (project / "src/keep.py").write_text("# the project's code\n")
+    write_params(project, tiny_params(**{"tabular.prepare.out_dir": out_dir}))
+    before = sorted(p.relative_to(project) for p in project.rglob("*"))
+    proc = ratchet(project, "prepare", "tabular", check=False)
+    target = (project / out_dir).resolve()
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: params.yaml: pipelines.tabular.prepare.out_dir: {target} "
+                                   + message.format(root=project))
+    assert sorted(p.relative_to(project) for p in project.rglob("*")) == before  # nothing deleted or written
+
+
+def _run(project, *stages, **overrides):
+    from conftest import tiny_params, write_params
+
+    from ratchet.cli import main
+
+    write_params(project, tiny_params(**{"tabular.train.epochs": 2, **overrides}))
+    for stage in stages:
+        assert main([stage, "tabular", "--params", str(project / "params.yaml")]) == 0
+
+
+def test_the_gate_leaves_out_test_rows_the_champion_trained_on(project):
+    """A new seed draws a new split: part of its test rows were the champion's training or
+    validation rows. Those are not scored, for either model; the count is in promotion.json."""
+    import json
+
+    from conftest import load_prepared
+
+    _run(project, "prepare", "train", "promote")
+    first = load_prepared(project / "data/prepared/tabular")
+    champion_rows = set(first.array("train_ids").tolist()) | set(first.array("val_ids").tolist())
+    _run(project, "prepare", "train", "promote", **{"tabular.seed": 8, "tabular.promote.min_samples": 5})
+    second = load_prepared(project / "data/prepared/tabular")
+    test_rows = second.array("test_ids").tolist()
+    seen = sum(row in champion_rows for row in test_rows)
+    assert 0 < seen < len(test_rows)
+    promotion = json.loads((project / "reports/tabular/promotion.json").read_text())
+    assert promotion["overlap_excluded"] == {"challenger": 0, "champion": seen, "total": seen}
+    assert promotion["scored_on"] == len(test_rows) - seen
+    assert f"on {len(test_rows) - seen} of {len(test_rows)} test samples ({seen} excluded" in promotion["reason"]
+
+    # too few unseen rows: the gate refuses in one line, and the champion stays
+    from conftest import mlflow_client, ratchet, tiny_params, write_params
+
+    write_params(project, tiny_params(**{"tabular.train.epochs": 2, "tabular.seed": 8,
+                                         "tabular.promote.min_samples": len(test_rows)}))
+    proc = ratchet(project, "promote", "tabular", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: registered model 'tabular': only {len(test_rows) - seen} of {len(test_rows)} test samples are "
+        f"unseen by both models ({seen} excluded as training or validation data of a model); promote.min_samples is "
+        f"{len(test_rows)}: the gate refuses to compare them (hold out new test data)")
+    champion = mlflow_client(project).get_model_version_by_alias("tabular", "champion").version
+    assert int(champion) == promotion["champion_after"]
+    assert json.loads((project / "reports/tabular/promotion.json").read_text()) == promotion  # not rewritten
