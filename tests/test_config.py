@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,16 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == "error: params.yaml: pipelines.tabular.train.optimizer.lr: must be greater than 0 (got 0)\n"
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("tabular.seed", -1, "pipelines.tabular.seed: must be greater than or equal to 0 (got -1)"),
+    ("tabular.seed", 2**70, "pipelines.tabular.seed: must be less than or equal to 2147483647"),
+    ("tabular.train.nproc", 64, "pipelines.tabular.train.nproc: 64 processes on the CPU, which has"),
+])
+def test_seeds_and_process_counts_are_bounded_at_load(tmp_path, key, value, message):
+    from conftest import tiny_params, write_params
+
+    write_params(tmp_path, tiny_params(**{key: value, "tabular.train.batch_size": 64 * 32}))
+    with pytest.raises(RatchetError, match=re.escape(message)):
+        load_params(tmp_path / "params.yaml")

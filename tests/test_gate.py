@@ -136,3 +136,64 @@ def test_the_gate_leaves_out_test_rows_the_champion_trained_on(project):
     champion = mlflow_client(project).get_model_version_by_alias("tabular", "champion").version
     assert int(champion) == promotion["champion_after"]
     assert json.loads((project / "reports/tabular/promotion.json").read_text()) == promotion  # not rewritten
+
+
+def _two_pipelines(project):
+    """Two pipelines of one registered model on the same prepared data (two people, or a schedule
+    and a person, training the same model)."""
+    import copy
+
+    from conftest import tiny_params
+
+    params = tiny_params()
+    b = copy.deepcopy(params["pipelines"]["tabular"])
+    b["train"].update(out_dir="models/b", checkpoint="checkpoints/b.pt")
+    b["evaluate"].update(out_dir="reports/b/evaluation", metrics="reports/b/metrics.json", plots="reports/b/plots")
+    b["promote"]["out"] = "reports/b/promotion.json"
+    params["pipelines"]["b"] = b
+    return params
+
+
+@pytest.mark.slow
+def test_two_promotions_at_once_leave_the_better_version_as_champion_in_either_order(project):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from conftest import mlflow_client, write_params
+
+    from ratchet.cli import main
+
+    params = _two_pipelines(project)
+    train = {"tabular": params["pipelines"]["tabular"]["train"], "b": params["pipelines"]["b"]["train"]}
+
+    def run(stage, name, **train_changes):
+        train[name].update(train_changes)
+        write_params(project, params)
+        assert main([stage, name, "--params", str(project / "params.yaml")]) == 0
+
+    run("prepare", "tabular")
+    run("train", "tabular", epochs=1, optimizer={"name": "adam", "lr": 1e-6})  # v1: barely trained
+    run("promote", "tabular")
+    run("train", "b", epochs=8, optimizer={"name": "adam", "lr": 0.01})  # v2
+    run("train", "tabular", epochs=2, optimizer={"name": "adam", "lr": 0.003})  # v3
+    client = mlflow_client(project)
+    scores = {}
+    for order in (("tabular", "b"), ("b", "tabular")):
+        client.set_registered_model_alias("tabular", "champion", "1")
+        procs = []
+        for name in order:
+            procs.append(subprocess.Popen([sys.executable, "-m", "ratchet", "promote", name, "--params",
+                                           str(project / "params.yaml")], cwd=project, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+            time.sleep(0.3)
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        for name, out in (("tabular", "reports/tabular/promotion.json"), ("b", "reports/b/promotion.json")):
+            record = json.loads((project / out).read_text())
+            scores[record["version"]] = record["score"]
+        best = max((2, 3), key=lambda v: scores[v])
+        assert scores[2] != scores[3]
+        assert int(client.get_model_version_by_alias("tabular", "champion").version) == best, (order, scores, outputs)
+        assert [m.name for m in client.search_registered_models()] == ["tabular"]  # the lock is gone

@@ -340,3 +340,15 @@ def test_training_with_balanced_weights_and_sampler_logs_the_weights(project):
     want = counts.sum() / (3 * counts)
     assert [float(logged[f"class_weight.class_{c}"]) for c in range(3)] == pytest.approx(want, rel=1e-5)
     assert logged["train.sampler"] == "balanced"
+
+
+def test_a_last_training_batch_of_one_sample_is_left_out_of_that_epoch():
+    """129 rows in batches of 32 would end with a batch of one, which BatchNorm refuses."""
+    loader = BatchLoader((np.zeros((129, 2), np.float32), np.zeros(129, np.int64)), 32,
+                         DistInfo(0, 0, 1, torch.device("cpu")), train=True, seed=0)
+    sizes = [len(targets) for _, targets in loader]
+    assert sizes == [32, 32, 32, 32] and len(loader) == 4
+    loader.set_epoch(1)
+    left_out = set(range(129)) - set(loader.indices().tolist())
+    loader.set_epoch(2)
+    assert len(left_out) == 1 and left_out != set(range(129)) - set(loader.indices().tolist())

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import mlflow_client, ratchet, runs_by_status, tiny_params, write_params
+from conftest import make_csv, mlflow_client, ratchet, runs_by_status, tiny_params, write_params
 
 from ratchet.config import load_params
 from ratchet.errors import RatchetError
@@ -112,11 +112,23 @@ def test_a_new_dataset_under_the_old_model_name_fails_before_training(project):
     df = pd.read_csv(project / "data/raw/table.csv").drop(columns="f5")
     df.to_csv(project / "data/raw/table.csv", index=False)
     stage(project, prepare)
-    with pytest.raises(RatchetError, match=r"champion v1 takes features: f0, f1, f2, f3, f4, f5, this data has "
-                                           r"features: f0, f1, f2, f3, f4; set promote.registered_model"):
+    with pytest.raises(RatchetError, match=r"champion v1 takes features: f0, f1, f2, f3, f4, f5; classes: class_0, "
+                                           r"class_1, class_2, this data has features: f0, f1, f2, f3, f4; classes: "
+                                           r"class_0, class_1, class_2; set promote.registered_model"):
         stage(project, train, **GOOD)
     assert len(mlflow_client(project).search_model_versions("name='tabular'")) == 1
     assert runs_by_status(project) == {"FINISHED": 1}  # no run was started for the refused training
+
+    # the same features with other classes: the champion's outputs mean something else
+    make_csv(project / "data/raw/table.csv")
+    df = pd.read_csv(project / "data/raw/table.csv")
+    df[df["label"] != "class_2"].to_csv(project / "data/raw/table.csv", index=False)
+    stage(project, prepare)
+    with pytest.raises(RatchetError, match=r"champion v1 takes features: f0, f1, f2, f3, f4, f5; classes: class_0, "
+                                           r"class_1, class_2, this data has features: f0, f1, f2, f3, f4, f5; "
+                                           r"classes: class_0, class_1; set promote.registered_model"):
+        stage(project, train, **GOOD)
+    assert runs_by_status(project) == {"FINISHED": 1}
     renamed = train_and_promote(project, **GOOD, **{"tabular.promote.registered_model": "tabular_v2_data"})
     assert renamed["promoted"] and renamed["reason"].startswith("first model")
 

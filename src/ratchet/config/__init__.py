@@ -94,6 +94,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         except ValueError as exc:
             raise RatchetError(f"{file.name}: {where}.{exc}") from None
         check_outputs(cfg, file, where)
+        check_processes(cfg, file, where)
         pipelines[name] = cfg
     return Params(file=file, demo=demo, pipelines=pipelines)
 
@@ -128,6 +129,22 @@ def check_outputs(cfg: BaseModel, file: Path, where: str) -> None:
             what = "is" if source == path else "holds" if source.is_relative_to(path) else "is inside"
             raise RatchetError(f"{prefix} {what} the input {source} (data.source); an output is replaced on every "
                                "run, so it must not touch the data it is made from")
+
+
+def check_processes(cfg: BaseModel, file: Path, where: str) -> None:
+    """More CPU processes than this machine has cores only time-slices them (and 64 gloo workers
+    on 2 cores exhaust memory): refused at load, with the count. GPU counts are checked when the
+    stage starts (it needs torch)."""
+    import os
+
+    gpus = Path("/dev/nvidiactl").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and gpus):
+        return
+    cores = os.cpu_count() or 1
+    for key, value in (("train.nproc", cfg.train.nproc), ("evaluate.nproc", cfg.evaluate.nproc)):
+        if value > cores:
+            raise RatchetError(f"{file.name}: {where}.{key}: {value} processes on the CPU, which has {cores} cores "
+                               "here (at most one process per core)")
 
 
 def _validate(model: type[BaseModel], raw: object, prefix: str, file: Path, context: dict) -> BaseModel:

@@ -56,7 +56,7 @@ class AugmentConfig(Section):
 
 class ImagePipeline(Section):
     family: Literal["image"]
-    seed: int = Field(42, description="seeds the split, the weight init, dropout, batch order and augmentation")
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="seeds the split, the weight init, dropout, batch order and augmentation")
     data: ImageData
     prepare: ImagePrepare
     augment: AugmentConfig = AugmentConfig()

@@ -58,7 +58,7 @@ class SequenceEvaluate(EvaluateConfig):
 
 class SequencePipeline(Section):
     family: Literal["sequence"]
-    seed: int = Field(42, description="seeds the weight init, dropout and the batch order")
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="seeds the weight init, dropout and the batch order")
     data: SequenceData
     prepare: SequencePrepare
     window: WindowConfig = WindowConfig()

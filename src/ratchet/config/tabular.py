@@ -31,7 +31,7 @@ class TabularPrepare(Section):
 
 class TabularPipeline(Section):
     family: Literal["tabular"]
-    seed: int = Field(42, description="seeds the split, the weight init, dropout and the batch order")
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="seeds the split, the weight init, dropout and the batch order")
     data: TabularData
     prepare: TabularPrepare
     model: MLPConfig = MLPConfig()

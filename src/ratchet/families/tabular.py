@@ -59,7 +59,7 @@ class TabularFamily(ClassifierFamily):
         return np.array([meta.mean, meta.fill], dtype=np.float32)
 
     def input_description(self, cfg, meta: TabularMeta) -> str:
-        return "features: " + ", ".join(meta.features)
+        return "features: " + ", ".join(meta.features) + "; classes: " + ", ".join(meta.classes)
 
 
 FAMILY = TabularFamily()

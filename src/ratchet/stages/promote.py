@@ -24,7 +24,7 @@ from ratchet.families import Family, get_family
 from ratchet.stages import stage_name
 from ratchet.errors import RatchetError
 from ratchet.tracking.registry import (
-    Decision, champion_version, check_comparable, decide, fingerprint, load_served_model, record,
+    Decision, champion_version, check_comparable, decide, fingerprint, load_served_model, promotion_lock, record,
 )
 from ratchet.train.batch import tree_map
 from ratchet.tracking.runs import tracked_run
@@ -35,42 +35,21 @@ def run(params: Params, name: str) -> dict:
     family = get_family(cfg.family)
     prepared = family.load(cfg.prepare.out_dir)
     run_info = tracked_run(cfg.train.out_dir, params.root, stage_name("train", name))
-    meta, registered = prepared.meta, cfg.promote.registered_model
+    registered = cfg.promote.registered_model
     x, y = family.gate_data(cfg, prepared)
     client = MlflowClient()
-
-    champion = champion_version(client, registered)
-    if champion is not None:
-        check_comparable(champion, family.input_description(cfg, meta), registered)
     version = client.get_model_version(registered, str(run_info["version"]))
-    overlap, keep = unseen(family, cfg, prepared, {"challenger": version, "champion": champion})
-    if overlap["excluded"]["total"] and overlap["scored_on"] < cfg.promote.min_samples:
-        raise RatchetError(f"registered model '{registered}': only {overlap['scored_on']} of {overlap['of']} test "
-                           f"samples are unseen by both models ({_excluded_text(overlap)}); promote.min_samples is "
-                           f"{cfg.promote.min_samples}: the gate refuses to compare them (hold out new test data)")
-    if overlap["scored_on"] < overlap["of"]:
-        x, y = tree_map(lambda a: a[keep], x), tree_map(lambda a: a[keep], y)
-    metric = cfg.promote.metric
-    score = score_model(family, cfg, f"models:/{registered}/{version.version}", meta, x, y, metric)
-    if champion is not None and champion.version == version.version:
-        decision = Decision(False, f"v{version.version} is @champion already: champion unchanged", metric, score,
-                            version.version, score)
-    else:
-        rival = None
-        if champion is not None:
-            rival = (champion.version, score_model(family, cfg, f"models:/{registered}/{champion.version}", meta, x, y, metric))
-        decision = decide(metric, score, rival, cfg.promote.direction, cfg.promote.min_delta)
-        decision = replace(decision, reason=f"{decision.reason} on {overlap['scored_on']} of {overlap['of']} test "
-                                            f"samples ({_excluded_text(overlap)})")
-    unchanged = champion is not None and champion.version == version.version
-    if not unchanged:  # a re-run keeps the tags of the decision that promoted it
-        record(client, registered, version, decision)
-        client.set_tag(run_info["run_id"], "ratchet.promoted", str(decision.promoted).lower())
+    with promotion_lock(client, registered):  # read the champion, score, move the alias: one promotion at a time
+        champion = champion_version(client, registered)
+        decision, overlap, unchanged = _decide(family, cfg, prepared, version, champion, x, y)
+        if not unchanged:  # a re-run keeps the tags of the decision that promoted it
+            record(client, registered, version, decision)
+            client.set_tag(run_info["run_id"], "ratchet.promoted", str(decision.promoted).lower())
 
     before = decision.champion_version
     result = {
         "registered_model": registered, "version": int(version.version), "promoted": decision.promoted,
-        "reason": decision.reason, "metric": metric, "score": score,
+        "reason": decision.reason, "metric": decision.metric, "score": decision.score,
         "champion_before": None if before is None else {"version": int(before), "score": decision.champion_score},
         "champion_after": int(version.version) if decision.promoted or unchanged else int(before),
         "champion_unchanged": not decision.promoted,
@@ -78,9 +57,34 @@ def run(params: Params, name: str) -> dict:
         "overlap_excluded": overlap["excluded"],  # test samples left out: in a model's training or validation data
     }
     write_json(cfg.promote.out, result)
-    verdict = "promoted to @champion" if decision.promoted else "not promoted"
+    verdict = "promoted to @champion" if decision.promoted else "stays @champion" if unchanged else "not promoted"
     print(f"{registered} v{version.version} {verdict}: {decision.reason}")
     return result
+
+
+def _decide(family: Family, cfg, prepared, version, champion, x, y):
+    """(decision, overlap counts, whether `version` is the champion already), with the lock held."""
+    registered, meta, metric = cfg.promote.registered_model, prepared.meta, cfg.promote.metric
+    if champion is not None:
+        check_comparable(champion, family.input_description(cfg, meta), registered)
+    overlap, keep = unseen(family, cfg, prepared, {"challenger": version, "champion": champion})
+    if overlap["excluded"]["total"] and overlap["scored_on"] < cfg.promote.min_samples:
+        raise RatchetError(f"registered model '{registered}': only {overlap['scored_on']} of {overlap['of']} test "
+                           f"samples are unseen by both models ({_excluded_text(overlap)}); promote.min_samples is "
+                           f"{cfg.promote.min_samples}: the gate refuses to compare them (hold out new test data)")
+    if overlap["scored_on"] < overlap["of"]:
+        x, y = tree_map(lambda a: a[keep], x), tree_map(lambda a: a[keep], y)
+    score = score_model(family, cfg, f"models:/{registered}/{version.version}", meta, x, y, metric)
+    if champion is not None and champion.version == version.version:
+        return Decision(False, f"v{version.version} is @champion already: champion unchanged", metric, score,
+                        version.version, score), overlap, True
+    rival = None
+    if champion is not None:
+        rival = (champion.version, score_model(family, cfg, f"models:/{registered}/{champion.version}", meta, x, y,
+                                               metric))
+    decision = decide(metric, score, rival, cfg.promote.direction, cfg.promote.min_delta)
+    return replace(decision, reason=f"{decision.reason} on {overlap['scored_on']} of {overlap['of']} test samples "
+                                    f"({_excluded_text(overlap)})"), overlap, False
 
 
 def unseen(family: Family, cfg, prepared, versions: dict) -> tuple[dict, np.ndarray]:

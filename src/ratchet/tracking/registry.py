@@ -7,7 +7,10 @@ reason are tagged on the version.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import mlflow
@@ -80,6 +83,56 @@ def record(client: MlflowClient, name: str, version: ModelVersion, decision: Dec
         client.set_registered_model_alias(name, CHAMPION, version.version)
 
 
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_STALE_SECONDS = 1800  # a lock older than this was left by a killed promotion: it is broken
+
+
+@contextmanager
+def promotion_lock(client: MlflowClient, name: str, wait: float = 900.0) -> Iterator[None]:
+    """Serialize promotions of registered model `name`, across processes and machines: the lock
+    is a registered model `<name>.promotion-lock`, created while a promotion reads the champion,
+    scores and moves the alias, and deleted after. Creating a registered model that exists fails
+    in the tracking store's database (SQLite, PostgreSQL, behind a server or not), so exactly one
+    promotion holds it; a file lock would not serialize two machines sharing one server. A lock
+    older than LOCK_STALE_SECONDS (its holder was killed) is broken; waiting longer than `wait`
+    seconds is a one-line error naming the holder."""
+    import os
+    import socket
+    import time
+
+    lock = f"{name}{LOCK_SUFFIX}"
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"ratchet.lock.owner": owner,
+                                                       "ratchet.lock.since": f"{time.time():.3f}"},
+                                           description=f"held while a promotion of '{name}' runs; deleted after")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released meanwhile: try again
+        since = float(held.tags.get("ratchet.lock.since", "0") or 0)
+        if time.time() - since > LOCK_STALE_SECONDS:
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise RatchetError(f"registered model '{name}': another promotion ({held.tags.get('ratchet.lock.owner')}) "
+                               f"has held its lock for {time.time() - since:.0f} s; waited {wait:.0f} s "
+                               f"(a lock older than {LOCK_STALE_SECONDS} s is broken)")
+        time.sleep(0.5)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
 def fingerprint(version: ModelVersion):
     """The sorted uint64 keys of the samples (train and val) a registered version trained on, or
     None for a version registered without one."""
@@ -149,4 +202,4 @@ def load_served_model(client: MlflowClient, name: str, version: str):
 
 
 def _short(desc: str) -> str:
-    return desc if len(desc) <= 120 else desc[:117] + "..."
+    return desc if len(desc) <= 200 else desc[:197] + "..."

@@ -92,11 +92,18 @@ class BatchLoader:
     def indices(self) -> torch.Tensor:
         """This process's sample indices for the current epoch, in batch order."""
         if self.sampler is not None:
-            return torch.from_numpy(np.fromiter(iter(self.sampler), np.int64, len(self.sampler)))
+            idx = torch.from_numpy(np.fromiter(iter(self.sampler), np.int64, len(self.sampler)))
+            # A last training batch of one sample breaks BatchNorm ("expected more than 1 value per
+            # channel"): it is left out of this epoch (the order is new every epoch).
+            return idx[:-1] if len(idx) > 1 and len(idx) % self.batch_size == 1 else idx
         return torch.arange(self.dist.rank, self.n, self.dist.world_size)
 
     def __len__(self) -> int:
-        count = len(self.sampler) if self.sampler is not None else len(range(self.dist.rank, self.n, self.dist.world_size))
+        if self.sampler is not None:
+            count = len(self.sampler)
+            count -= 1 if count > 1 and count % self.batch_size == 1 else 0
+        else:
+            count = len(range(self.dist.rank, self.n, self.dist.world_size))
         return -(-count // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
