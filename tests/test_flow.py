@@ -145,7 +145,7 @@ def test_a_stages_own_error_fails_the_flow_after_one_attempt(dvc_project):
     assert out.count("Running stage 'train@tabular'") == 1, out  # one attempt, no retry
     assert "Retry 1/2" not in out
     assert ("error: train@tabular: registered model 'tabular': champion v1 takes features: height, weight, this "
-            "data has features: f0, f1, f2, f3, f4, f5; set promote.registered_model to a new name for a new dataset"
+            "data has features: f0, f1, f2, f3, f4, f5; classes: class_0, class_1, class_2; set promote.registered_model to a new name for a new dataset"
             ) in flow.stderr.splitlines()
     assert not (dvc_project / "models/tabular").exists()
     assert time.monotonic() - started < 300

@@ -70,9 +70,90 @@ def test_killed_training_resumes_to_the_same_weights_and_run(tmp_path):
     assert json.loads((killed / "models/tabular/run.json").read_text())["run_id"] == run_id
     assert client.get_run(run_id).info.status == "FINISHED"
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
-    steps = {m.step for m in client.get_metric_history(run_id, "val_loss")}
-    assert steps == set(range(1, EPOCHS + 1))
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "val_loss"))
+    assert steps == list(range(1, EPOCHS + 1))  # each epoch logged once
     assert not checkpoint.exists()  # removed once the training finished
+
+
+def _start_training(project):
+    return subprocess.Popen([sys.executable, "-m", "ratchet", "train", "tabular", "--params", "params.yaml"],
+                            cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_a_kill_before_the_first_checkpoint_continues_its_run_and_leftovers_are_removed(tmp_path):
+    """SIGKILL after the run started but before any checkpoint: the restart finds the run (its
+    marker) and finishes it; temporaries a killed training left are removed; one run, one
+    registered version, each epoch logged once."""
+    project = new_project(tmp_path)
+    checkpoint = project / "checkpoints/tabular.pt"
+    marker = project / "checkpoints/tabular.pt.run.json"
+    proc = _start_training(project)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not checkpoint.exists(), "the kill did not land before the first checkpoint"
+    run_id = json.loads(marker.read_text())["run_id"]
+    client = mlflow_client(project)
+    assert client.get_run(run_id).info.status == "RUNNING"
+    (project / "checkpoints/.tabular.pt.k2j4x").write_bytes(b"half a checkpoint")  # as save_checkpoint names them
+    (project / "models").mkdir(exist_ok=True)
+    (project / "models/.tabular.a8f3").mkdir()  # a half-written output folder
+    (project / "models/.tabular.a8f3/model.pt").write_bytes(b"half a model")
+
+    ratchet(project, "train", "tabular")
+    assert json.loads((project / "models/tabular/run.json").read_text())["run_id"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [r.info.status for r in client.search_runs([client.get_run(run_id).info.experiment_id])] == ["FINISHED"]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == list(range(1, EPOCHS + 1))
+    assert [v.version for v in client.search_model_versions("name='tabular'")] in (["1"], [1])
+    assert sorted(p.name for p in (project / "checkpoints").iterdir()) == []  # marker and leftovers gone
+    assert sorted(p.name for p in (project / "models").iterdir()) == ["tabular"]
+
+
+def test_epochs_missing_from_mlflow_after_a_kill_are_logged_once_on_resume(tmp_path):
+    """A kill between an epoch's checkpoint and its metrics: the resumed run logs that epoch from
+    the checkpoint's history, and none twice."""
+    import mlflow
+
+    from ratchet.stages.train import _log_missing_epochs
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 2.0 / e} for e in (1, 2, 3)]
+    with mlflow.start_run() as run:
+        for record in history[:2]:
+            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+        _log_missing_epochs(run.info.run_id, history)
+        _log_missing_epochs(run.info.run_id, history)  # again: nothing new
+    client = mlflow.MlflowClient()
+    steps = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss"))
+    assert steps == [(1, 2.0), (2, 1.0), (3, 2.0 / 3)]
+    mlflow.set_tracking_uri(None)
+
+
+def test_registration_is_once_per_run_even_when_the_model_is_logged_again(tmp_path):
+    import warnings
+
+    import mlflow
+    import numpy as np
+    from torch import nn
+
+    from ratchet.tracking.registry import register
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    with mlflow.start_run() as run, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        uris = [mlflow.pytorch.log_model(nn.Linear(2, 1), name="model", pip_requirements=["torch"],
+                                         input_example=np.ones((1, 2), np.float32)).model_uri
+                for _ in range(2)]  # the first logging, then the resumed run's
+        versions = [register(client, "m", uri, run.info.run_id, {}).version for uri in uris]
+    assert uris[0] != uris[1] and versions == [versions[0]] * 2
+    assert len(client.search_model_versions("name='m'")) == 1
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.mark.slow

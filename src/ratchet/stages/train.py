@@ -34,7 +34,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from ratchet.config import Params, PipelineConfig, config_hash
-from ratchet.data.prepared import Prepared, replace_dir
+from ratchet.data.prepared import Prepared, replace_dir, write_json
 from ratchet.evaluate.plots import curves_png
 from ratchet.families import Family, get_family, monitor_mode
 from ratchet.models import count_parameters
@@ -60,6 +60,8 @@ def run(params: Params, name: str) -> dict:
     cfg = params.pipeline(name)
     family = get_family(cfg.family)
     prepared = family.load(cfg.prepare.out_dir)
+    if not under_torchrun():
+        _remove_stale_temporaries(cfg)
     if cfg.train.nproc > 1 and not under_torchrun():
         _check_registry(params, cfg, family, prepared.meta)  # fail here, before any process starts
         launch(cfg.train.nproc, "train", name, str(params.file))
@@ -94,17 +96,21 @@ def _train(params: Params, name: str, cfg: PipelineConfig, family: Family, prepa
     chash = config_hash(cfg.model, cfg.train.model_dump(mode="json", exclude={"out_dir", "checkpoint"}),
                         cfg.seed, meta.data_hash)
     state = _resumable(cfg.train.checkpoint, chash, dist)
+    marker = _run_marker(cfg)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout draws differ between processes
 
     if dist.is_main:
         _check_registry(params, cfg, family, meta)
+        reopen = state["run_id"] if state else _unfinished_run(marker, chash)
         tags = {"ratchet.pipeline": name, "ratchet.family": cfg.family,
                 **lineage_tags(params.root, meta, [cfg.prepare.out_dir])}
-        run_ctx = training_run(name, params.root, run_id=state["run_id"] if state else None, tags=tags)
+        run_ctx = training_run(name, params.root, run_id=reopen, tags=tags)
     else:
         run_ctx = contextlib.nullcontext()
     with run_ctx as active:
         run_id = active.info.run_id if active else None
+        if active:  # before the first checkpoint: a kill from here on leaves the run findable
+            write_json(marker, {"run_id": run_id, "config_hash": chash})
         if active and state is None:
             mlflow.log_params({**flatten(cfg.model_dump(mode="json")), "parameters": count_parameters(net),
                                "parameters_frozen": frozen, "world_size": dist.world_size})
@@ -123,6 +129,7 @@ def _train(params: Params, name: str, cfg: PipelineConfig, family: Family, prepa
         if state is not None:
             trainer.resume(state)
             if dist.is_main:
+                _log_missing_epochs(run_id, trainer.history)
                 print(f"resuming {name} from {cfg.train.checkpoint} after epoch {state['epoch']} (MLflow run {run_id})")
         fit_started = time.perf_counter()
         result = trainer.fit()
@@ -132,6 +139,7 @@ def _train(params: Params, name: str, cfg: PipelineConfig, family: Family, prepa
                            {"fit_seconds": fit_seconds, "startup_seconds": fit_started - started})
     if dist.is_main:
         cfg.train.checkpoint.unlink(missing_ok=True)
+        marker.unlink(missing_ok=True)
         print(f"trained {name}: best epoch {result['best_epoch']}/{result['epochs']}, "
               + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_"))
               + f" -> {cfg.train.out_dir}")
@@ -144,6 +152,50 @@ def _check_registry(params: Params, cfg: PipelineConfig, family: Family, meta) -
     champion = champion_version(MlflowClient(), cfg.promote.registered_model)
     if champion is not None:
         check_comparable(champion, family.input_description(cfg, meta), cfg.promote.registered_model)
+
+
+def _run_marker(cfg: PipelineConfig) -> Path:
+    """`<checkpoint>.run.json`: the MLflow run of an unfinished training, written when the run
+    starts (before any checkpoint) and removed with the checkpoint when training finishes."""
+    return cfg.train.checkpoint.with_name(cfg.train.checkpoint.name + ".run.json")
+
+
+def _unfinished_run(marker: Path, chash: str) -> str | None:
+    """The run of a training killed before its first checkpoint, to continue: the same config
+    reopens it; another config closes it as KILLED and starts afresh."""
+    if not marker.is_file():
+        return None
+    try:
+        found = json.loads(marker.read_text())
+        run_id, same = found["run_id"], found.get("config_hash") == chash
+    except (ValueError, KeyError, TypeError):
+        return None
+    if same:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            if MlflowClient().get_run(run_id).info.status == "RUNNING":
+                return run_id
+        return None
+    mark_killed(run_id)
+    return None
+
+
+def _log_missing_epochs(run_id: str, history: list[dict]) -> None:
+    """Epochs the checkpoint holds but MLflow lacks (a kill between the two writes), logged once."""
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")}
+    for record in history:
+        if record["epoch"] not in logged:
+            mlflow.log_metrics(numeric(record), step=record["epoch"])
+
+
+def _remove_stale_temporaries(cfg: PipelineConfig) -> None:
+    """What a killed training left half-written: temporary checkpoints and output folders."""
+    for parent, stem in ((cfg.train.checkpoint.parent, cfg.train.checkpoint.name),
+                         (cfg.train.out_dir.parent, cfg.train.out_dir.name)):
+        for leftover in parent.glob(f".{stem}.*") if parent.is_dir() else []:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def _resumable(path: Path, chash: str, dist: DistInfo) -> dict | None:

@@ -9,6 +9,7 @@ the same environment. Side effects (files, MLflow, printing) are gated on `is_ma
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -49,7 +50,17 @@ def launch(nproc: int, stage: str, pipeline: str, params_file: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "ratchet", stage, pipeline, "--params", params_file]
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    code = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}).returncode
+    process = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": threads})
+    try:
+        code = process.wait()
+    except BaseException:  # Ctrl-C or SIGTERM (the CLI turns it into KeyboardInterrupt): stop the workers too
+        process.send_signal(signal.SIGTERM)  # torchrun passes it on; each worker closes its run as KILLED
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
     if code != 0:
         # A worker's own error (bad data, params) was printed above as `error: ...`; this line
         # alone means a process died (killed, out of memory), which a retry may fix.

@@ -187,9 +187,9 @@ class Trainer:
             record["epoch_seconds"] = time.perf_counter() - started
             self.history.append(record)
             self.epochs_done = epoch + 1
+            self._save_checkpoint()  # first: a kill after it resumes past this epoch, whose record it holds
             if self.on_epoch_end is not None and self.dist.is_main:
                 self.on_epoch_end(record)
-            self._save_checkpoint()
             if self.dist.is_main:
                 print(_epoch_line(record, self.cfg.epochs), flush=True)
         self.stopper.restore_best(self.module)
