@@ -93,6 +93,32 @@ def test_an_output_path_that_would_destroy_inputs_or_the_project_is_refused_befo
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before  # nothing deleted or written
 
 
+def test_a_stage_replaces_only_a_directory_it_wrote(project):
+    """A foreign folder at an output path (not made by a stage: no marker) is refused in one line
+    and left whole; the folder a stage wrote is replaced on the next run."""
+    from conftest import ratchet, tiny_params, write_params
+
+    foreign = project / "results"
+    (foreign / "notes").mkdir(parents=True)
+    (foreign / "notes/thesis.tex").write_text("months of work\n")
+    write_params(project, tiny_params(**{"tabular.prepare.out_dir": "results"}))
+    proc = ratchet(project, "prepare", "tabular", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: {foreign}: not an output a ratchet stage wrote (no .ratchet-output in "
+                                   "it), so it is not replaced: move it away or choose another output path")
+    assert sorted(p.name for p in foreign.rglob("*")) == ["notes", "thesis.tex"]
+    assert [p.name for p in project.iterdir() if p.name.startswith(".results")] == []  # no temporary left
+
+    write_params(project, tiny_params(**{"tabular.prepare.out_dir": "results/prepared"}))
+    ratchet(project, "prepare", "tabular")
+    written = project / "results/prepared"
+    assert (written / ".ratchet-output").is_file() and (written / "meta.json").is_file()
+    (written / "stale.npy").write_bytes(b"")
+    ratchet(project, "prepare", "tabular")  # its own output: replaced as a whole
+    assert not (written / "stale.npy").exists() and (written / "meta.json").is_file()
+    assert (foreign / "notes/thesis.tex").read_text() == "months of work\n"
+
+
 def _run(project, *stages, **overrides):
     from conftest import tiny_params, write_params
 

@@ -215,6 +215,17 @@ def test_a_missing_month_is_a_gap_on_the_calendar_grid(project):
     assert prepared.meta.cleaning["train"]["filled_steps"] == 1
 
 
+def test_a_frequency_far_finer_than_the_data_is_refused_before_the_grid_is_built(project):
+    """`frequency: 1ms` on hourly data would fill 1.7 billion steps (a MemoryError, 10 GiB on
+    the way): one line instead, at once."""
+    from conftest import make_series
+
+    make_series(project / "data/raw/series.csv", steps=480)
+    with pytest.raises(RatchetError, match=r"series.csv: data.frequency 1ms makes 1,724,400,000 steps for 480 rows; "
+                                           r"is it the series' step\?$"):
+        _prepare(project, "sequence", **{"sequence.data.frequency": "1ms", "sequence.data.gaps": "ffill"})
+
+
 def test_month_ends_business_days_and_bad_frequencies(project):
     ends = pd.date_range("2015-01-31", periods=60, freq="ME")
     pd.DataFrame({"timestamp": ends, "value": np.arange(60.0), "temp": 1.0}).to_csv(

@@ -3,16 +3,19 @@ MLflow run, and ends with exactly the weights of a run that was never interrupte
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_csv, mlflow_client, ratchet, tiny_params, write_params
+from conftest import make_csv, mlflow_client, ratchet, runs_by_status, tiny_params, write_params
 
 from ratchet.train.checkpoint import load_checkpoint
 
@@ -174,3 +177,60 @@ def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path):
     proc = ratchet(project, "train", "tabular")
     assert "written for other params or data; starting afresh" in proc.stdout
     assert json.loads((project / "models/tabular/run.json").read_text())["run_id"] != first_run
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_ddp_training_stops_its_workers_and_marks_the_run_killed(tmp_path):
+    project = new_project(tmp_path)
+    write_params(project, tiny_params(**{**SETTINGS, "tabular.train.epochs": 40, "tabular.train.nproc": 2}))
+    checkpoint = project / "checkpoints/tabular.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "ratchet", "train", "tabular", "--params", "params.yaml"],
+                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not checkpoint.exists():
+        time.sleep(0.05)
+    assert checkpoint.exists(), "training did not reach its first checkpoint"
+    tree = _descendants(proc.pid)
+    workers = [pid for pid in tree if b"torch.distributed.run" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+               and b"ratchet" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 2, tree
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+            time.sleep(0.1)
+        left = [pid for pid in tree if _alive(pid)]
+    finally:
+        for pid in tree:  # whatever the outcome, nothing of this test keeps running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+    assert proc.returncode == 130, out
+    assert not left, f"{len(left)} processes left running after the stage stopped"
+    assert runs_by_status(project) == {"KILLED": 1}
+    assert load_checkpoint(checkpoint)["epoch"] >= 1  # kept: a restart resumes from it

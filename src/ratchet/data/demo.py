@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -26,23 +27,28 @@ import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_breast_cancer, load_digits
 
-from ratchet.data.prepared import replace_dir
+from ratchet.data.prepared import OUTPUT_MARKER, check_replaceable, replace_dir
 
 
 def write_demo(out_dir: Path) -> list[Path]:
     """Write every demo dataset into `out_dir` (replaced as a whole); return what it holds."""
     out_dir = Path(out_dir)
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    bunch = load_breast_cancer(as_frame=True)
-    table = bunch.frame.drop(columns=["target"])
-    table["diagnosis"] = [str(bunch.target_names[t]) for t in bunch.target]
-    table.to_csv(tmp / "breast_cancer.csv", index=False, float_format="%.6g")
-    write_digits(tmp / "digits")
-    write_load_series(tmp / "load.csv")
-    write_omniglot(tmp)
-    replace_dir(tmp, out_dir)
-    return sorted(out_dir.iterdir())
+    try:
+        bunch = load_breast_cancer(as_frame=True)
+        table = bunch.frame.drop(columns=["target"])
+        table["diagnosis"] = [str(bunch.target_names[t]) for t in bunch.target]
+        table.to_csv(tmp / "breast_cancer.csv", index=False, float_format="%.6g")
+        write_digits(tmp / "digits")
+        write_load_series(tmp / "load.csv")
+        write_omniglot(tmp)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(p for p in out_dir.iterdir() if p.name != OUTPUT_MARKER)
 
 
 def write_digits(root: Path) -> None:

@@ -75,6 +75,7 @@ class PreparedWriter:
 def prepared_writer(out_dir: Path) -> Iterator[PreparedWriter]:
     """Write a prepared directory beside `out_dir`, swap it in on success, remove it on failure."""
     out_dir = Path(out_dir)
+    check_replaceable(out_dir)  # before any work: a foreign directory there stays untouched
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -96,8 +97,27 @@ def write_prepared(out_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> 
     return meta
 
 
+OUTPUT_MARKER = ".ratchet-output"
+
+
+def check_replaceable(dst: Path) -> None:
+    """Refuse an output path that holds something a stage did not write: a stage replaces its
+    output directory as a whole, and only one that carries its marker (or an empty one)."""
+    dst = Path(dst)
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise RatchetError(f"{dst}: an output directory is expected there, and it is a file or a link; "
+                           "it is left as it is: move it away or choose another output path")
+    if dst.is_dir() and not (dst / OUTPUT_MARKER).is_file() and any(dst.iterdir()):
+        raise RatchetError(f"{dst}: not an output a ratchet stage wrote (no {OUTPUT_MARKER} in it), so it is not "
+                           "replaced: move it away or choose another output path")
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Put directory `src` at `dst`, replacing what was there (the old copy is removed after)."""
+    """Put directory `src` at `dst`, replacing what was there (the old copy is removed after):
+    only a directory a stage wrote before (its marker file) or an empty one is replaced."""
+    src, dst = Path(src), Path(dst)
+    check_replaceable(dst)
+    (src / OUTPUT_MARKER).write_text("written by a ratchet stage, which replaces this directory as a whole\n")
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")

@@ -22,7 +22,7 @@ import mlflow
 import torch
 
 from ratchet.config import Params, PipelineConfig
-from ratchet.data.prepared import replace_dir
+from ratchet.data.prepared import check_replaceable, replace_dir
 from ratchet.errors import RatchetError
 from ratchet.families import Family, get_family
 from ratchet.stages import stage_name
@@ -37,6 +37,8 @@ def run(params: Params, name: str) -> dict:
     family = get_family(cfg.family)
     prepared = family.load(cfg.prepare.out_dir)
     run_info = tracked_run(cfg.train.out_dir, params.root, stage_name("train", name))
+    for out in (cfg.evaluate.out_dir, cfg.evaluate.plots):  # before any work: foreign directories stay untouched
+        check_replaceable(out)
     if cfg.evaluate.nproc > 1 and not under_torchrun():
         launch(cfg.evaluate.nproc, "evaluate", name, str(params.file))
         return json.loads(cfg.evaluate.metrics.read_text())

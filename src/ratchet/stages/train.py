@@ -34,7 +34,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from ratchet.config import Params, PipelineConfig, config_hash
-from ratchet.data.prepared import Prepared, replace_dir, write_json
+from ratchet.data.prepared import Prepared, check_replaceable, replace_dir, write_json
 from ratchet.evaluate.plots import curves_png
 from ratchet.families import Family, get_family, monitor_mode
 from ratchet.models import count_parameters
@@ -60,6 +60,7 @@ def run(params: Params, name: str) -> dict:
     cfg = params.pipeline(name)
     family = get_family(cfg.family)
     prepared = family.load(cfg.prepare.out_dir)
+    check_replaceable(cfg.train.out_dir)  # before any work: a foreign directory there stays untouched
     if not under_torchrun():
         _remove_stale_temporaries(cfg)
     if cfg.train.nproc > 1 and not under_torchrun():
