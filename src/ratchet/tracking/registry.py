@@ -59,9 +59,9 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags:
     """Register the run's model, once per run: asked again for the same run (a training resumed
     after a kill that followed its registration logs the model again), it returns the version it
     made before."""
-    for version in sorted(client.search_model_versions(f"name='{name}' and run_id='{run_id}'"),
-                          key=lambda v: int(v.version)):
-        return version
+    made = sorted(client.search_model_versions(f"name='{name}' and run_id='{run_id}'"), key=lambda v: int(v.version))
+    if made:
+        return made[0]
     version = mlflow.register_model(model_uri, name, tags=tags)
     return client.get_model_version(name, version.version)
 
