@@ -6,6 +6,8 @@
     ratchet evaluate <pipeline>       # test metrics, report, plots
     ratchet promote  <pipeline>       # register; move @champion only if better
     ratchet pipelines                 # list the pipelines in params.yaml
+    ratchet predict  <pipeline> INPUT --out FILE [--model models:/<name>@champion | /<version>]
+                                      # score new data with a registered model (ratchet.serve.predict)
 
 Every subcommand takes `--params PATH` (default: params.yaml). Bad input ends with one line,
 `error: ...`, and exit status 2 (the flow does not retry it); a process that died under
@@ -32,10 +34,18 @@ def main(argv: list[str] | None = None) -> int:
         if name in STAGES:
             cmd.add_argument("pipeline", help="a pipeline section of params.yaml, e.g. tabular")
         cmd.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    predict = sub.add_parser("predict", help="score new data with a registered model (default: @champion)")
+    predict.add_argument("pipeline", help="a pipeline of params.yaml, or a registered model name (no params.yaml)")
+    predict.add_argument("input", help="a CSV of rows, an image file or folder, or a series CSV")
+    predict.add_argument("--out", required=True, help="the CSV to write")
+    predict.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version>, @<alias> or a version "
+                                         "(default: the pipeline's @champion)")
+    predict.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     args = parser.parse_args(argv)
     # SIGTERM (Kubernetes, Prefect cancel, torchrun stopping siblings) unwinds like Ctrl-C, so
     # MLflow runs are closed as KILLED and temporary files removed; the checkpoint stays to resume.
     signal.signal(signal.SIGTERM, _interrupt)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per event in a stage's log
     try:
         return _dispatch(args)
     except StageFailed as exc:
@@ -57,6 +67,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from ratchet.config import load_params
+
+    if args.command == "predict":  # needs no params.yaml: MLFLOW_TRACKING_URI may name the store
+        from ratchet.serve.predict import run
+
+        run(args.pipeline, args.input, args.out, args.model, args.params)
+        return 0
 
     params = load_params(args.params)
     if args.command == "pipelines":

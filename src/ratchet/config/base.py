@@ -67,6 +67,8 @@ class TrainConfig(Section):
         None, description="fine-tune: start from models:/<name>@<alias>, models:/<name>/<version> or a model.pt"
     )
     freeze: list[str] = Field([], description="fine-tune: module names whose parameters stay fixed, e.g. [features]")
+    system_metrics: bool = Field(False, description="log CPU, memory, disk and network usage (and GPU, with "
+                                                    "nvidia-ml-py) into the MLflow run every 10 s")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:

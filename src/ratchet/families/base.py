@@ -15,7 +15,9 @@ default). The family decides everything that differs between kinds of data and m
   artifacts), `check_init_from` (fine-tuning compatibility);
 - evaluate: `evaluate` (test metrics, DDP-exact), `write_report`, `summary`;
 - serve and promote: `serving_model`, `example_input`, `input_description`, `gate_data`,
-  `sample_keys` (what the gate's overlap check compares), `score`.
+  `sample_keys` (what the gate's overlap check compares), `score`; the registered model's named
+  inputs and outputs (see ratchet.serve): `serving_spec`, `serving_signature`, `serving_example`,
+  `frame_inputs`, `frame_outputs`, and `read_input` for `ratchet predict`.
 
 Hooks import torch and friends inside their bodies: loading params (every stage does) imports
 each family's module, and the prepare stage must not pay for torch.
@@ -32,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:  # imported for annotations only: see the module doc
     import numpy as np
+    import pandas as pd
     import torch
     from torch import nn
 
@@ -158,6 +161,35 @@ class Family(ABC):
     @abstractmethod
     def input_description(self, cfg: Any, meta: PreparedMeta) -> str:
         """What the served model takes; a champion must take the same to be compared."""
+
+    @abstractmethod
+    def serving_spec(self, cfg: Any, meta: PreparedMeta) -> dict:
+        """What the registered model needs besides its network to read named inputs and name its
+        outputs (serving.json, JSON): feature columns, image size, class names, the series' grid."""
+
+    @abstractmethod
+    def serving_signature(self, spec: dict) -> tuple:
+        """(input Schema, output Schema) of the registered model, in named columns."""
+
+    @abstractmethod
+    def serving_example(self, spec: dict, cfg: Any, meta: PreparedMeta) -> pd.DataFrame:
+        """A valid input frame: the logged input example (MLflow predicts on it when logging)."""
+
+    @abstractmethod
+    def frame_inputs(self, spec: dict, frame: pd.DataFrame) -> tuple:
+        """The served network's raw positional inputs (arrays) from a frame of named inputs; a
+        RatchetError naming the column and row for a value it cannot take."""
+
+    @abstractmethod
+    def frame_outputs(self, spec: dict, outputs: Any, frame: pd.DataFrame) -> pd.DataFrame:
+        """Named predictions (class names, probabilities; forecast timestamps) from the network's
+        outputs for `frame`."""
+
+    @abstractmethod
+    def read_input(self, spec: dict, path: Path) -> tuple[pd.DataFrame, list[str]]:
+        """`ratchet predict`'s INPUT (a CSV, an image file or folder) as the frame the registered
+        model takes, indexed by what names each row (file line, image path), and notes for the
+        log (e.g. the columns ignored)."""
 
     @abstractmethod
     def gate_data(self, cfg: Any, prepared: Prepared) -> tuple:

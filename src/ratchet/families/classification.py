@@ -115,6 +115,14 @@ class ClassifierFamily(Family):
         return (f"accuracy {metrics['accuracy']:.4f}, f1_macro {metrics['f1_macro']:.4f} "
                 f"on {metrics['samples']} test samples")
 
+    def frame_outputs(self, spec: dict, outputs, frame):
+        """`label`, `probability` and `prob_<class>` by class name."""
+        import pandas as pd
+
+        from ratchet.serve.frames import class_columns
+
+        return pd.DataFrame(class_columns(outputs, spec["classes"]), index=frame.index)
+
     def gate_data(self, cfg, prepared) -> tuple:
         return prepared.array(prepared.meta.serving_input), prepared.array("test_y")
 

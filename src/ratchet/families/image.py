@@ -104,6 +104,41 @@ class ImageFamily(ClassifierFamily):
         c, h, w = meta.input_shape
         return f"images: uint8 {c}x{h}x{w} ({meta.channels}); classes: " + ", ".join(meta.classes)
 
+    def serving_spec(self, cfg, meta: ImageMeta) -> dict:
+        from ratchet.data.image import MODES
+
+        return {"classes": meta.classes, "mode": MODES[meta.channels], "size": meta.size}
+
+    def serving_signature(self, spec: dict) -> tuple:
+        from mlflow.types import ColSpec, Schema
+
+        from ratchet.serve.frames import IMAGE_COLUMN, class_schema
+
+        return Schema([ColSpec("string", IMAGE_COLUMN)]), Schema(class_schema(spec["classes"]))
+
+    def serving_example(self, spec: dict, cfg, meta: ImageMeta):
+        import pandas as pd
+
+        from ratchet.serve.frames import IMAGE_COLUMN, encode_array
+
+        examples = ImageFamily.example_input(self, cfg, meta)  # the images alone (a subclass may add inputs)
+        return pd.DataFrame({IMAGE_COLUMN: [encode_array(a) for a in examples]})
+
+    def frame_inputs(self, spec: dict, frame) -> tuple:
+        from ratchet.serve.frames import images
+
+        return (images(frame, spec["mode"], spec["size"]),)
+
+    def read_input(self, spec: dict, path):
+        """An image file, or every image under a folder (an ImageFolder tree too), by path."""
+        import pandas as pd
+
+        from ratchet.serve.frames import IMAGE_COLUMN, encode_file, image_files
+
+        files, root = image_files(path)
+        names = pd.Index([str(p.relative_to(root)) for p in files], name="file")
+        return pd.DataFrame({IMAGE_COLUMN: [encode_file(p) for p in files]}, index=names), []
+
 
 def _misclassified_png(name: str, prepared, predictions: list[tuple[int, int]], path, limit: int = 30) -> None:
     from ratchet.evaluate.plots import image_grid_png

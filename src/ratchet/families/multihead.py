@@ -156,6 +156,7 @@ class MultiheadFamily(ImageFamily):
         """Per head: classification report (txt, json), the confusion matrix (a PNG up to
         MATRIX_PNG_LIMIT classes; above, confusion_matrix_<head>.csv and the most confused pairs
         in the report), and for the class head the accuracy within each group."""
+        from ratchet.evaluate.heads import group_accuracy, most_confused
         from ratchet.evaluate.plots import confusion_matrix_png
         from ratchet.evaluate.report import report_text
 
@@ -179,14 +180,14 @@ class MultiheadFamily(ImageFamily):
             np.add.at(confusion, (actual[head][rows], predicted[head]), 1)
             text = f"head {head} ({n} classes)\n\n" + report_text(report)
             if head == "class":
-                text += "\n" + _group_accuracy(confusion, meta)
+                text += "\n" + group_accuracy(confusion, meta.groups, meta.class_group)
             if n <= MATRIX_PNG_LIMIT:
                 confusion_matrix_png(confusion.tolist(), names[head], out / f"confusion_matrix_{head}.png",
                                      f"{name}: test confusion matrix, {head} head")
             else:
                 np.savetxt(out / f"confusion_matrix_{head}.csv", confusion, fmt="%d", delimiter=",",
                            header=",".join(names[head]), comments="")
-                text += "\n" + _most_confused(confusion, names[head])
+                text += "\n" + most_confused(confusion, names[head], MOST_CONFUSED)
             (out / f"classification_report_{head}.txt").write_text(text)
             (out / f"classification_report_{head}.json").write_text(json.dumps(report["per_class"], indent=2) + "\n")
 
@@ -211,6 +212,73 @@ class MultiheadFamily(ImageFamily):
         return (f"inputs: {', '.join(cfg.model.inputs)}; images: uint8 {c}x{h}x{w} ({meta.channels}); "
                 f"heads: {', '.join(cfg.model.heads)}; groups: {', '.join(meta.groups)}; "
                 f"classes: {', '.join(meta.classes)}")
+
+    def serving_spec(self, cfg: MultiheadPipeline, meta: MultiheadMeta) -> dict:
+        return {**super().serving_spec(cfg, meta), "groups": meta.groups, "inputs": list(cfg.model.inputs),
+                "heads": sorted(cfg.model.heads, key=HEADS.index)}
+
+    def serving_signature(self, spec: dict) -> tuple:
+        """Inputs `image` (and `group`, a group name); per head `<head>_label`, `<head>_probability`,
+        `<head>_prob_<name>`."""
+        from mlflow.types import ColSpec, Schema
+
+        from ratchet.serve.frames import class_schema
+
+        names = {"class": spec["classes"], "group": spec["groups"]}
+        return (Schema([ColSpec("string", key) for key in spec["inputs"]]),
+                Schema([col for head in spec["heads"] for col in class_schema(names[head], f"{head}_")]))
+
+    def serving_example(self, spec: dict, cfg, meta: MultiheadMeta):
+        frame = super().serving_example(spec, cfg, meta)
+        return frame.assign(group=[meta.groups[0], meta.groups[-1]]) if "group" in spec["inputs"] else frame
+
+    def frame_inputs(self, spec: dict, frame) -> tuple:
+        from ratchet.errors import RatchetError
+
+        (image,) = super().frame_inputs(spec, frame)
+        if "group" not in spec["inputs"]:
+            return (image,)
+        if "group" not in frame.columns:
+            raise RatchetError("column 'group' not found (the model takes each image's group name)")
+        index = {name: i for i, name in enumerate(spec["groups"])}
+        group = frame["group"].astype(str).map(index)
+        if group.isna().any():
+            i = int(np.argmax(group.isna().to_numpy()))
+            raise RatchetError(f"column 'group', {frame.index.name or 'row'} {frame.index[i]}: "
+                               f"{frame['group'].iloc[i]!r} is not a group the model knows "
+                               f"({', '.join(spec['groups'][:5])}{', ...' if len(spec['groups']) > 5 else ''})")
+        return image, group.to_numpy(dtype=np.int64)
+
+    def frame_outputs(self, spec: dict, outputs: dict, frame):
+        import pandas as pd
+
+        from ratchet.serve.frames import class_columns
+
+        names = {"class": spec["classes"], "group": spec["groups"]}
+        columns = {}
+        for head in spec["heads"]:
+            columns.update(class_columns(outputs[head], names[head], f"{head}_"))
+        return pd.DataFrame(columns, index=frame.index)
+
+    def read_input(self, spec: dict, path):
+        """The image family's files; with a group input, each image's group is the nearest folder
+        above it named after a group (`<group>/<image>` or `<group>/<class>/<image>`)."""
+        from ratchet.errors import RatchetError
+
+        frame, notes = super().read_input(spec, path)
+        if "group" not in spec["inputs"]:
+            return frame, notes
+        known = set(spec["groups"])
+        groups = []
+        for name in frame.index:
+            file = Path(path) / name if Path(path).is_dir() else Path(path)
+            found = next((part for part in reversed(file.resolve().parent.parts) if part in known), None)
+            if found is None:
+                raise RatchetError(f"{file}: no folder named after a group "
+                                   f"above it; the model takes image and group: put images under <group>/ folders "
+                                   f"(groups: {', '.join(spec['groups'][:5])}{', ...' if len(known) > 5 else ''})")
+            groups.append(found)
+        return frame.assign(group=groups), notes
 
     def gate_data(self, cfg: MultiheadPipeline, prepared) -> tuple:
         return self.samples(cfg, prepared, "test")
@@ -244,35 +312,6 @@ def _outputs(meta: MultiheadMeta) -> dict[str, int]:
 
 def _names(meta: MultiheadMeta) -> dict[str, list[str]]:
     return {"class": meta.classes, "group": meta.groups}
-
-
-def _group_accuracy(confusion: np.ndarray, meta: MultiheadMeta) -> str:
-    """Class-head accuracy over the test samples of each group, and how often a wrong answer
-    still names a class of the right group."""
-    groups = np.asarray(meta.class_group)
-    lines = [f"{'group':>20}{'samples':>10}{'accuracy':>10}{'same group':>12}"]
-    for g, group in enumerate(meta.groups):
-        rows = confusion[groups == g]
-        total = int(rows.sum())
-        right = int(confusion.diagonal()[groups == g].sum())
-        in_group = int(rows[:, groups == g].sum())
-        if total:
-            lines.append(f"{group:>20}{total:>10}{right / total:>10.4f}{in_group / total:>12.4f}")
-    return "\n".join(lines) + "\n"
-
-
-def _most_confused(confusion: np.ndarray, names: list[str], limit: int = MOST_CONFUSED) -> str:
-    """The `limit` most frequent (actual -> predicted) mistakes."""
-    off = confusion.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(off, axis=None)[::-1][:limit]
-    lines = [f"{'count':>7}  actual -> predicted (the {limit} most confused pairs)"]
-    for flat in order:
-        i, j = np.unravel_index(flat, off.shape)
-        if off[i, j] == 0:
-            break
-        lines.append(f"{int(off[i, j]):>7}  {names[i]} -> {names[j]}")
-    return "\n".join(lines) + "\n"
 
 
 FAMILY = MultiheadFamily()

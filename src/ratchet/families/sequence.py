@@ -170,6 +170,57 @@ class SequenceFamily(Family):
         return (f"windows: float32 {steps}x{features} ({', '.join(meta.inputs)}) every {meta.frequency}; "
                 f"forecast: {meta.window['horizon']} steps of {meta.target}")
 
+    def serving_spec(self, cfg, meta: SequenceMeta) -> dict:
+        return {"timestamp": meta.timestamp, "inputs": meta.inputs, "target": meta.target,
+                "frequency": meta.frequency, "window": meta.window, "delimiter": cfg.data.delimiter}
+
+    def serving_signature(self, spec: dict) -> tuple:
+        """In: the series' rows (timestamp text, input values); out: `step` 1..horizon, its
+        timestamp and the target's forecast."""
+        from mlflow.types import ColSpec, Schema
+
+        return (Schema([ColSpec("string", spec["timestamp"]), *(ColSpec("double", c) for c in spec["inputs"])]),
+                Schema([ColSpec("long", "step"), ColSpec("string", spec["timestamp"]), ColSpec("double", spec["target"])]))
+
+    def serving_example(self, spec: dict, cfg, meta: SequenceMeta):
+        """The last `window.input` steps of the training span, at the training mean."""
+        import pandas as pd
+
+        (window, _) = self.example_input(cfg, meta)
+        times = pd.date_range(end=meta.span["train"][1], periods=len(window), freq=meta.frequency)
+        return pd.DataFrame({spec["timestamp"]: times.astype(str), **{c: window[:, j].astype("float64")
+                                                                     for j, c in enumerate(spec["inputs"])}})
+
+    def frame_inputs(self, spec: dict, frame) -> tuple:
+        """The window of the last `window.input` rows (after sorting by time): consecutive steps
+        of the training frequency, every value present."""
+        from ratchet.serve.frames import numbers
+
+        frame = _last_window(spec, frame)
+        return (numbers(frame, spec["inputs"], allow_missing=False)[None],)
+
+    def frame_outputs(self, spec: dict, outputs, frame):
+        import pandas as pd
+
+        last = _last_window(spec, frame)[spec["timestamp"]].iloc[-1]
+        horizon = outputs.shape[1]
+        times = pd.date_range(start=last, periods=horizon + 1, freq=spec["frequency"])[1:]
+        return pd.DataFrame({"step": range(1, horizon + 1), spec["timestamp"]: times.astype(str),
+                             spec["target"]: outputs[0].astype("float64")})
+
+    def read_input(self, spec: dict, path):
+        """A series CSV (the training columns by name, others ignored); the forecast follows its
+        last row."""
+        import pandas as pd
+
+        from ratchet.data.prepared import read_csv
+
+        columns = [spec["timestamp"], *spec["inputs"]]
+        frame = read_csv(path, columns, delimiter=spec.get("delimiter", ","), dtype=str, keep_default_na=False)
+        frame.index = pd.RangeIndex(frame.attrs["first_line"], frame.attrs["first_line"] + len(frame), name="line")
+        ignored = [str(c) for c in frame.columns if c not in columns]
+        return frame[columns], [f"ignored columns (not model inputs): {', '.join(ignored)}"] if ignored else []
+
     def gate_data(self, cfg, prepared) -> tuple:
         return series_windows(prepared, "test", raw=True)
 
@@ -213,6 +264,32 @@ def series_windows(prepared, split: str, raw: bool) -> tuple:
     series = np.array(prepared.array(f"{split}_raw" if raw else f"{split}_series"))
     w = meta.window
     return windows(series, series[:, meta.target_index].copy(), w["input"], w["horizon"], split_stride(split, w["stride"]))
+
+
+def _last_window(spec: dict, frame):
+    """The rows of the window a forecast reads: the last `window.input` by time, which must be
+    consecutive steps of the frequency the model was trained on."""
+    import pandas as pd
+
+    column, steps = spec["timestamp"], spec["window"]["input"]
+    if column not in frame.columns:
+        raise RatchetError(f"column '{column}' not found (the timestamps)")
+    times = pd.to_datetime(frame[column].astype(str).str.strip(), errors="coerce")
+    if times.isna().any():
+        i = int(times.isna().to_numpy().argmax())
+        raise RatchetError(f"column '{column}', {frame.index.name or 'row'} {frame.index[i]}: "
+                           f"{frame[column].iloc[i]!r} is not a timestamp")
+    if len(frame) < steps:
+        raise RatchetError(f"{len(frame)} rows: the model reads the last {steps} steps of the series")
+    order = times.argsort(kind="stable").to_numpy()[-steps:]
+    window, at = frame.iloc[order].copy(), pd.DatetimeIndex(times.iloc[order])
+    expected = pd.date_range(end=at[-1], periods=steps, freq=spec["frequency"])
+    if not at.equals(expected):
+        i = int((at != expected).argmax())
+        raise RatchetError(f"column '{column}': the last {steps} rows are not consecutive {spec['frequency']} steps "
+                           f"({at[i]} where {expected[i]} was expected; fill gaps first)")
+    window[column] = at
+    return window
 
 
 FAMILY = SequenceFamily()

@@ -61,5 +61,39 @@ class TabularFamily(ClassifierFamily):
     def input_description(self, cfg, meta: TabularMeta) -> str:
         return "features: " + ", ".join(meta.features) + "; classes: " + ", ".join(meta.classes)
 
+    def serving_spec(self, cfg, meta: TabularMeta) -> dict:
+        return {"features": meta.features, "classes": meta.classes, "label": meta.label,
+                "delimiter": cfg.data.delimiter, "columns": cfg.data.columns}
+
+    def serving_signature(self, spec: dict) -> tuple:
+        from mlflow.types import ColSpec, Schema
+
+        from ratchet.serve.frames import class_schema
+
+        return Schema([ColSpec("double", name) for name in spec["features"]]), Schema(class_schema(spec["classes"]))
+
+    def serving_example(self, spec: dict, cfg, meta: TabularMeta):
+        import pandas as pd
+
+        return pd.DataFrame(self.example_input(cfg, meta).astype("float64"), columns=meta.features)
+
+    def frame_inputs(self, spec: dict, frame) -> tuple:
+        from ratchet.serve.frames import numbers
+
+        return (numbers(frame, spec["features"], allow_missing=True),)  # NaN: imputed by the model
+
+    def read_input(self, spec: dict, path):
+        """A CSV's rows, its columns matched to the features by name (any order); the label and
+        any other column are ignored, and listed."""
+        import pandas as pd
+
+        from ratchet.data.prepared import read_csv
+
+        frame = read_csv(path, spec["features"], columns=spec.get("columns"), delimiter=spec.get("delimiter", ","))
+        frame.index = pd.RangeIndex(frame.attrs["first_line"], frame.attrs["first_line"] + len(frame), name="line")
+        ignored = [str(c) for c in frame.columns if c not in spec["features"]]
+        notes = [f"ignored columns (not model inputs): {', '.join(ignored)}"] if ignored else []
+        return frame[spec["features"]], notes
+
 
 FAMILY = TabularFamily()

@@ -24,14 +24,12 @@ import json
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 
 from ratchet.config import Params, PipelineConfig, config_hash
 from ratchet.data.prepared import Prepared, check_replaceable, replace_dir, write_json
@@ -39,12 +37,12 @@ from ratchet.evaluate.plots import curves_png
 from ratchet.families import Family, get_family, monitor_mode
 from ratchet.models import count_parameters
 from ratchet.models.finetune import freeze, load_initial_weights
+from ratchet.serve.log import log_served_model
 from ratchet.tracking.registry import (
-    FEATURES_TAG, FINGERPRINT_ARTIFACT, FINGERPRINT_FILE, champion_version, check_comparable, register,
+    INPUT_TAG, FINGERPRINT_ARTIFACT, FINGERPRINT_FILE, champion_version, check_comparable, input_digest, register,
 )
 from ratchet.tracking.lineage import lineage_tags
 from ratchet.tracking.runs import RUN_FILE, flatten, mark_killed, numeric, training_run, use_tracking
-from ratchet.train.batch import tree_map
 from ratchet.train.checkpoint import load_checkpoint
 from ratchet.train.distributed import DistInfo, distributed, launch, sync_batchnorm, under_torchrun
 from ratchet.train.optim import build_optimizer, build_scheduler
@@ -105,7 +103,8 @@ def _train(params: Params, name: str, cfg: PipelineConfig, family: Family, prepa
         reopen = state["run_id"] if state else _unfinished_run(marker, chash)
         tags = {"ratchet.pipeline": name, "ratchet.family": cfg.family,
                 **lineage_tags(params.root, meta, [cfg.prepare.out_dir])}
-        run_ctx = training_run(name, params.root, run_id=reopen, tags=tags)
+        run_ctx = training_run(name, params.root, run_id=reopen, tags=tags, run_name=f"{name} training",
+                               system_metrics=cfg.train.system_metrics)
     else:
         run_ctx = contextlib.nullcontext()
     with run_ctx as active:
@@ -145,6 +144,13 @@ def _train(params: Params, name: str, cfg: PipelineConfig, family: Family, prepa
               + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_"))
               + f" -> {cfg.train.out_dir}")
     return result
+
+
+def summary_metrics(result: dict) -> dict[str, float]:
+    """The fit's result as run metrics: `best_epoch`, `epochs`, and each validation metric of the
+    best epoch as `best_<name>` (never `best_best_epoch`)."""
+    return {key if key in ("best_epoch", "epochs") else f"best_{key}": value
+            for key, value in numeric(result).items()}
 
 
 def _check_registry(params: Params, cfg: PipelineConfig, family: Family, meta) -> None:
@@ -236,30 +242,19 @@ def _write_outputs(cfg: PipelineConfig, name: str, family: Family, net: torch.nn
                                                 for split in ("train", "val")]).astype(np.uint64))
         np.save(tmp / FINGERPRINT_FILE, fingerprint)
         mlflow.log_artifact(str(tmp / FINGERPRINT_FILE), FINGERPRINT_ARTIFACT)
-        mlflow.log_metrics(numeric(result, "best_"))
+        mlflow.log_metrics(summary_metrics(result))
         mlflow.log_artifact(str(tmp / MODEL_FILE), "checkpoint")
         mlflow.log_artifact(str(tmp / HISTORY_FILE), "training")
         mlflow.log_artifact(str(tmp / "curves.png"), "plots")
-        served = family.serving_model(cfg, plain, meta)
-        example = family.example_input(cfg, meta)
-        # Several inputs are a dict of named arrays: the signature names them, the model takes them
-        # positionally in that order (MLflow's traced format wants a tuple); several heads, a dict.
-        positional = tuple(example.values()) if isinstance(example, dict) else (example,)
-        with torch.no_grad():
-            output = served(*(torch.from_numpy(a) for a in positional))
-        output = tree_map(lambda t: t.numpy(), output)
-        with warnings.catch_warnings():  # torch.export's note on RNN weight attributes: harmless here
-            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
-            info = mlflow.pytorch.log_model(
-                served, name="model", input_example=positional if isinstance(example, dict) else example,
-                signature=infer_signature(example, output),
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
+        info = log_served_model(family, cfg, meta, family.serving_model(cfg, plain, meta),
+                                family.example_input(cfg, meta), name)
         version = register(MlflowClient(), cfg.promote.registered_model, info.model_uri, run_id, {
-            FEATURES_TAG: family.input_description(cfg, meta), "ratchet.pipeline": name, "ratchet.data.hash": meta.data_hash,
-            "ratchet.fingerprint.samples": str(len(fingerprint)),
+            INPUT_TAG: input_digest(family.input_description(cfg, meta)), "ratchet.pipeline": name,
+            "ratchet.data.hash": meta.data_hash, "ratchet.fingerprint.samples": str(len(fingerprint)),
         })
         mlflow.set_tag("ratchet.registered_version", str(version.version))
+        # The run's name says what it made: the runs table then reads like the registry.
+        MlflowClient().update_run(run_id, name=f"{name} v{version.version}, {result['epochs']} epochs")
         timings["logging_seconds"] = time.perf_counter() - logging_started
         run = mlflow.get_run(run_id)
         (tmp / RUN_FILE).write_text(json.dumps({

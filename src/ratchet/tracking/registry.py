@@ -21,7 +21,11 @@ from mlflow.exceptions import MlflowException
 from ratchet.errors import RatchetError
 
 CHAMPION = "champion"
-FEATURES_TAG = "ratchet.input"  # what the model takes as input, to refuse comparing unlike models
+# What a version takes as input, to refuse comparing unlike models: a digest of the family's
+# input description (the description itself, column and class names, is the model's metadata;
+# as a tag it would crowd the registry's view). Versions registered before kept it in full.
+INPUT_TAG = "ratchet.input.sha256"
+LEGACY_INPUT_TAG = "ratchet.input"
 FINGERPRINT_ARTIFACT = "fingerprint"  # run artifact folder: the sample keys of the data the model trained on
 FINGERPRINT_FILE = "fingerprint.npy"
 
@@ -66,9 +70,19 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags:
     return client.get_model_version(name, version.version)
 
 
+def input_digest(input_desc: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(input_desc.encode()).hexdigest()[:16]
+
+
 def check_comparable(champion: ModelVersion, input_desc: str, name: str) -> None:
     """Refuse to compare with a champion trained on different inputs (another dataset)."""
-    theirs = champion.tags.get(FEATURES_TAG)
+    digest, theirs = champion.tags.get(INPUT_TAG), champion.tags.get(LEGACY_INPUT_TAG)
+    if digest is not None:
+        if digest == input_digest(input_desc):
+            return
+        theirs = _described_input(name, champion.version)
     if theirs is not None and theirs != input_desc:
         raise RatchetError(
             f"registered model '{name}': champion v{champion.version} takes {_short(theirs)}, this data has "
@@ -76,10 +90,22 @@ def check_comparable(champion: ModelVersion, input_desc: str, name: str) -> None
         )
 
 
+def _described_input(name: str, version: str) -> str:
+    """The input description in a version's model metadata (what its signature's names mean)."""
+    try:
+        return mlflow.models.get_model_info(f"models:/{name}/{version}").metadata["ratchet"]["input"]
+    except (MlflowException, KeyError, TypeError):
+        return "other inputs"
+
+
 def record(client: MlflowClient, name: str, version: ModelVersion, decision: Decision) -> None:
-    """Tag the decision on the version, and move the alias if promoted."""
+    """Tag the decision on the version, write its reason as the version's description (what the
+    registry shows beside each version), and move the alias if promoted."""
     for key, value in asdict(decision).items():
-        client.set_model_version_tag(name, version.version, f"ratchet.promotion.{key}", json.dumps(value) if not isinstance(value, str) else value)
+        client.set_model_version_tag(name, version.version, f"ratchet.promotion.{key}",
+                                     json.dumps(value) if not isinstance(value, str) else value)
+    client.update_model_version(name, version.version,
+                                description=f"{'Promoted' if decision.promoted else 'Not promoted'}: {decision.reason}")
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
 
@@ -154,16 +180,19 @@ def fingerprint(version: ModelVersion):
 
 def load_served_model(client: MlflowClient, name: str, version: str):
     """The registered version's served network (an `nn.Module` on CPU), loaded without running
-    code from the registry: only MLflow's pt2 format (torch.export, weights read as tensors) is
-    accepted. A pickle-format version (`model.pth`, which unpickling would execute), a version
-    that ships code, or one without a pytorch model is refused in one line naming it."""
+    code from the registry: only a torch.export archive (`model.pt2`, weights read as tensors) is
+    accepted, from Ratchet's pyfunc model (ratchet.serve) or MLflow's pytorch pt2 flavor (versions
+    registered before it). A pickle-format version (`model.pth`, which unpickling would execute),
+    a version that ships code, or one without such an archive is refused in one line naming it."""
+    import os
     import tempfile
     from pathlib import Path
 
-    import torch
     import yaml
 
-    import os
+    from ratchet.serve.log import LOADER
+    from ratchet.serve.pt2 import load_pt2
+    from ratchet.serve.pyfunc import PROGRAM_FILE
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     label = f"registered model '{name}' v{version}"
@@ -173,33 +202,29 @@ def load_served_model(client: MlflowClient, name: str, version: str):
         except MlflowException as exc:
             raise RatchetError(f"{label}: cannot be read from the registry ({exc.message.splitlines()[0]})") from None
         try:
-            flavor = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {}).get("pytorch")
+            flavors = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {})
         except (OSError, yaml.YAMLError):
-            flavor = None
-        if not isinstance(flavor, dict):
-            raise RatchetError(f"{label}: not a PyTorch model logged by MLflow (no pytorch flavor in its MLmodel)")
-        if flavor.get("code"):
-            raise RatchetError(f"{label}: ships code ({flavor['code']}) that loading would import; refusing it")
-        data = local / str(flavor.get("model_data", "data"))
-        if (data / "model.pth").exists() or not (data / "model.pt2").is_file():
-            raise RatchetError(f"{label}: is in MLflow's pickle format, whose loading runs code stored in the "
-                               "registry; refusing it (only pt2, torch.export's format, is loaded)")
-        try:
-            from mlflow.pytorch import _validate_pt2_archive_is_pickle_free  # MLflow's own check of the archive
-        except ImportError:
-            _validate_pt2_archive_is_pickle_free = None
-        try:
-            if _validate_pt2_archive_is_pickle_free is not None:
-                _validate_pt2_archive_is_pickle_free(str(data / "model.pt2"))
-        except MlflowException:
-            raise RatchetError(f"{label}: its model.pt2 holds pickled objects, whose loading runs code; "
-                               "refusing it") from None
-        try:
-            program = torch.export.load(str(data / "model.pt2"))
-        except Exception as exc:  # a corrupt or foreign archive: one line, whatever torch raises
-            raise RatchetError(f"{label}: model.pt2 does not load ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    return program.module()
+            flavors = {}
+        pyfunc, torch_flavor = flavors.get("python_function") or {}, flavors.get("pytorch")
+        if pyfunc.get("loader_module") == LOADER:
+            if pyfunc.get("code"):
+                raise RatchetError(f"{label}: ships code ({pyfunc['code']}) that loading would import; refusing it")
+            program = local / str(pyfunc.get("data", "")) / PROGRAM_FILE
+        elif isinstance(torch_flavor, dict):
+            if torch_flavor.get("code"):
+                raise RatchetError(f"{label}: ships code ({torch_flavor['code']}) that loading would import; "
+                                   "refusing it")
+            data = local / str(torch_flavor.get("model_data", "data"))
+            if (data / "model.pth").exists():
+                raise RatchetError(f"{label}: is in MLflow's pickle format, whose loading runs code stored in the "
+                                   "registry; refusing it (only pt2, torch.export's format, is loaded)")
+            program = data / PROGRAM_FILE
+        else:
+            raise RatchetError(f"{label}: not a PyTorch model logged by MLflow or Ratchet (no pt2 network in its "
+                               "MLmodel)")
+        if not program.is_file():
+            raise RatchetError(f"{label}: has no {PROGRAM_FILE} (only pt2, torch.export's format, is loaded)")
+        return load_pt2(program, label)
 
 
 def _short(desc: str) -> str:

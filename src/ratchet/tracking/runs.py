@@ -45,23 +45,34 @@ def use_tracking(root: Path) -> str:
     return uri
 
 
+# The MLflow UI opens an experiment in the view its kind names; without it, MLflow 3 guesses
+# GenAI (traces, tokens). Ratchet's experiments train models.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(name: str, root: Path) -> str:
-    """The experiment `name`, created on first use. With a local database its artifacts go to
-    <project>/mlartifacts/<name> (MLflow's own default depends on the working directory)."""
+    """The experiment `name`, created on first use, of the model-training kind. With a local
+    database its artifacts go to <project>/mlartifacts/<name> (MLflow's own default depends on
+    the working directory)."""
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if exp.tags.get(key) != value:  # made by an earlier version, or by hand
+                MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     local = mlflow.get_tracking_uri().startswith("sqlite:")
-    return mlflow.create_experiment(name, artifact_location=(Path(root) / "mlartifacts" / name).as_uri() if local else None)
+    return mlflow.create_experiment(name, tags=EXPERIMENT_KIND,
+                                    artifact_location=(Path(root) / "mlartifacts" / name).as_uri() if local else None)
 
 
 @contextmanager
-def training_run(experiment: str, root: Path, run_id: str | None = None,
-                 tags: dict | None = None) -> Iterator[mlflow.ActiveRun]:
+def training_run(experiment: str, root: Path, run_id: str | None = None, tags: dict | None = None,
+                 run_name: str | None = None, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Start a run (or reopen `run_id`). It ends FINISHED, KILLED when interrupted (Ctrl-C,
-    SIGTERM), or FAILED when the body raises: never left RUNNING by an error we can see."""
+    SIGTERM), or FAILED when the body raises: never left RUNNING by an error we can see.
+    `system_metrics`: MLflow samples CPU, memory, disk and network (and GPU) usage into the run."""
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id(experiment, root),
-                           tags=tags, log_system_metrics=False)
+                           tags=tags, run_name=None if run_id else run_name, log_system_metrics=system_metrics)
     try:
         yield run
     except KeyboardInterrupt:
