@@ -5,12 +5,18 @@
 
 Each task runs `dvc repro <step>@<pipeline>` (and first `dvc repro demo_data`): DVC decides
 what is stale, runs the stage's command and records dvc.lock, so after the flow `dvc status`
-is clean and `dvc repro` has nothing to do. The flow holds no ML logic. Retries: a stage that
-stopped with its own one-line error (bad params, data, a registry mismatch: `error: ...`)
-fails the flow at once, since the same input fails the same way; a training that crashed or
-was killed is retried (`--train-retries`) and resumes from the checkpoint the failed attempt
-left. Without PREFECT_API_URL, Prefect starts a temporary local server for the run;
-pipelines/deploy.py schedules this flow on a server.
+is clean and `dvc repro` has nothing to do. The flow holds no ML logic.
+
+The log heads each step with where the run is (`[pipeline 2/5 image] step 3/4 evaluate`) and
+shows what the stage printed, less DVC's advice for a person at a prompt (`git add dvc.lock`,
+autostage, `dvc push`). The summary at the end points at the MLflow UI: the tracking server's
+pages when MLFLOW_TRACKING_URI is one, else `make ui`.
+
+Retries: a stage that stopped with its own one-line error (bad params, data, a registry
+mismatch: `error: ...`) fails the flow at once, since the same input fails the same way; a
+training that crashed or was killed is retried (`--train-retries`) and resumes from the
+checkpoint the failed attempt left. Without PREFECT_API_URL, Prefect starts a temporary local
+server for the run; pipelines/deploy.py schedules this flow on a server.
 """
 
 from __future__ import annotations
@@ -36,6 +42,16 @@ from ratchet.tracking.lineage import FLOW_RUN_ENV
 
 DEMO_STAGE = "demo_data"
 
+# What `dvc repro` prints for a person at a prompt, the same after every stage. Committing
+# dvc.lock and `dvc push` are left to a person after the run, so in the flow's log these lines
+# only bury what the stages printed.
+DVC_ADVICE = re.compile(
+    r"(To track the changes with git, run:|git add \S.*|To enable auto staging, run:|dvc config core\.autostage true"
+    r"|Use `dvc push` to send your updates to remote storage\.|(Generating|Updating) lock file '.*'"
+    r"|Data and pipelines are up to date\.)"
+)
+SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+
 
 class StageRefused(RuntimeError):
     """A stage stopped with its own one-line error: deterministic, never retried."""
@@ -48,9 +64,12 @@ def retry_can_fix(task, task_run, state) -> bool:
 
 
 @task(retry_condition_fn=retry_can_fix)
-def dvc_repro(stage: str, root: str) -> None:
-    """`dvc repro <stage>` in the project, its output streamed to the task log."""
+def dvc_repro(stage: str, root: str, label: str = "") -> None:
+    """`dvc repro <stage>` in the project, its output streamed to the task log after `label`
+    (which pipeline and step this is), less DVC's advice (`shown`)."""
     logger = get_run_logger()
+    if label:
+        logger.info(label)
     bin_dir = str(Path(sys.executable).parent)  # the stage commands (`ratchet ...`) live beside python
     env = {**os.environ, FLOW_RUN_ENV: str(flow_run.get_id() or ""),
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
@@ -60,11 +79,19 @@ def dvc_repro(stage: str, root: str) -> None:
     for line in proc.stdout:
         line = line.rstrip()
         if line:
-            logger.info(line)
-            lines.append(line)
+            if shown(line, stage):
+                logger.info(line)
+            lines.append(line)  # every line: the failure message reads DVC's own too
     if proc.wait() != 0:
         refused = any(line.startswith("error: ") for line in lines)
         raise (StageRefused if refused else RuntimeError)(failure_message(stage, proc.returncode, list(lines)))
+
+
+def shown(line: str, stage: str) -> bool:
+    """Whether the log shows a line of `dvc repro <stage>`: not DVC's advice, and not the
+    "didn't change, skipping" of the upstream stages the steps before have just run."""
+    skipped = SKIPPED.fullmatch(line.strip())
+    return not DVC_ADVICE.fullmatch(line.strip()) and (skipped is None or skipped.group(1) == stage)
 
 
 def failure_message(stage: str, returncode: int, lines: list[str]) -> str:
@@ -79,16 +106,23 @@ def failure_message(stage: str, returncode: int, lines: list[str]) -> str:
 
 
 @flow(name="ratchet-pipeline", flow_run_name="{pipeline}")
-def pipeline_flow(pipeline: str, params_file: str = "params.yaml", train_retries: int = 2) -> dict:
-    """One pipeline's stages in order; returns its promotion record."""
+def pipeline_flow(pipeline: str, params_file: str = "params.yaml", train_retries: int = 2,
+                  number: int = 1, of: int = 1) -> dict:
+    """One pipeline's stages in order (it is pipeline `number` of `of` in the run); returns its
+    promotion record."""
     params = load_params(params_file)
     cfg = params.pipeline(pipeline)
     for step in STEPS:
         retries = train_retries if step == "train" else 0
         dvc_repro.with_options(name=f"{pipeline}-{step}", retries=retries, retry_delay_seconds=5)(
-            stage_name(step, pipeline), str(params.root)
+            stage_name(step, pipeline), str(params.root), step_label(pipeline, number, of, step)
         )
     return json.loads(cfg.promote.out.read_text())
+
+
+def step_label(pipeline: str, number: int, of: int, step: str) -> str:
+    """The log's heading for a step: `[pipeline 2/5 image] step 3/4 evaluate`."""
+    return f"[pipeline {number}/{of} {pipeline}] step {STEPS.index(step) + 1}/{len(STEPS)} {step}"
 
 
 @flow(name="ratchet-retrain")
@@ -96,15 +130,32 @@ def retrain(pipelines: list[str] | None = None, params_file: str = "params.yaml"
     """The demo-data stage, then every named pipeline (default: all in params.yaml) in turn."""
     params = load_params(params_file)
     stages = (yaml.safe_load((params.root / "dvc.yaml").read_text()) or {}).get("stages", {})
-    if DEMO_STAGE in stages:  # upstream of no pipeline once they all read your own data
-        dvc_repro.with_options(name=DEMO_STAGE)(DEMO_STAGE, str(params.root))
     names = pipelines or list(params.pipelines)
-    return {name: pipeline_flow(name, params_file, train_retries) for name in names}
+    if DEMO_STAGE in stages:  # upstream of no pipeline once they all read your own data
+        label = f"[{DEMO_STAGE}] the built-in datasets, before the {len(names)} pipelines"
+        dvc_repro.with_options(name=DEMO_STAGE)(DEMO_STAGE, str(params.root), label)
+    return {name: pipeline_flow(name, params_file, train_retries, number, len(names))
+            for number, name in enumerate(names, 1)}
 
 
-def summary(results: dict, params_file: str) -> str:
-    """Where to look after a run."""
+# MLflow 3's UI shows an experiment on its GenAI pages (traces, sessions) unless the browser has
+# chosen "Model training" or the link says so; the experiment's kind tag alone does not switch it.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def mlflow_ui(tracking_uri: str | None) -> str | None:
+    """The address of the tracking server's UI when MLFLOW_TRACKING_URI is one (http or https);
+    None for a local store (the project's mlflow.db), which `make ui` serves."""
+    if tracking_uri and tracking_uri.split("://")[0].lower() in ("http", "https"):
+        return tracking_uri.rstrip("/")
+    return None
+
+
+def summary(results: dict, params_file: str, tracking_uri: str | None = None) -> str:
+    """Where to look after a run; the MLflow pages are on the server `tracking_uri` names, or
+    behind `make ui`."""
     params = load_params(params_file)
+    ui = mlflow_ui(tracking_uri)
     rel = lambda p: os.path.relpath(p, params.root)  # noqa: E731
     lines = ["", "Done."]
     for name, promo in results.items():
@@ -117,11 +168,14 @@ def summary(results: dict, params_file: str) -> str:
             f"{promo['registered_model']} v{promo['version']} "
             + ("promoted" if promo["promoted"] else "stays @champion" if promo["champion_after"] == promo["version"]
                else "not promoted") + f": {promo['reason']}",
-            f"  champion      models:/{promo['registered_model']}@champion (v{promo['champion_after']})",
+            f"  champion      models:/{promo['registered_model']}@champion (v{promo['champion_after']})"
+            + (f"   {ui}/#/models/{promo['registered_model']}" if ui else ""),
             f"  metrics       {rel(cfg.evaluate.metrics)}   (dvc metrics show)",
             f"  report        {rel(cfg.evaluate.out_dir)}/{report}",
             f"  model         {rel(cfg.train.out_dir)}/model.pt, per-epoch history.csv (dvc plots show)",
-            f"  MLflow run    {run['run_id']} in experiment '{run['experiment']}': make ui -> http://127.0.0.1:5000",
+            f"  MLflow run    {run['run_id']} in experiment '{run['experiment']}': "
+            + f"{ui or 'make ui -> http://127.0.0.1:5000'}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}"
+            + MODEL_TRAINING_VIEW,
         ]
     return "\n".join(lines)
 
@@ -143,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # a stage failed; its own error is in the log above
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(summary(results, args.params))
+    print(summary(results, args.params, os.environ.get("MLFLOW_TRACKING_URI")))
     return 0
 
 

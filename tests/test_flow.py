@@ -14,6 +14,7 @@ import pytest
 import yaml
 from conftest import dvc, git, mlflow_client, tiny_params, write_params
 
+from ratchet.stages import STEPS
 from ratchet.train.checkpoint import load_checkpoint
 
 GOOD = {"tabular.train.epochs": 4, "tabular.train.optimizer.lr": 0.01}
@@ -94,6 +95,11 @@ def test_flow_retries_a_killed_training_which_resumes_its_run(dvc_project):
     assert killed_at is not None, out
     assert flow.returncode == 0, out
     assert "resuming tabular from" in out  # the retry picked the checkpoint up
+    at = [out.find(f"[pipeline 1/1 tabular] step {i}/4 {step}") for i, step in enumerate(STEPS, 1)]
+    assert -1 not in at and at == sorted(at), out  # the log heads every step, in the order they ran
+    assert not [hint for hint in ("To track the changes with git", "git add dvc.lock", "autostage", "dvc push")
+                if hint in out], out  # DVC's advice for a person at a prompt is left out
+    assert "make ui -> http://127.0.0.1:5000" in out  # no tracking server: the summary points at make ui
     run_id = json.loads((dvc_project / "models/tabular/run.json").read_text())["run_id"]
     assert run_id == killed_at["run_id"]
     client = mlflow_client(dvc_project)

@@ -1,0 +1,108 @@
+"""What a person reads after `make run`: the flow's log (where the run is, not DVC's advice), the
+summary's pointer to the MLflow UI, and `dvc plots show` drawing every plot with its data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from conftest import REPO, dvc, tiny_params, write_params
+
+from pipelines.retrain import shown, summary
+
+# `dvc repro train@tabular` after prepare@tabular, as DVC 3 prints it (blank lines dropped, as
+# the flow drops them)
+DVC_OUTPUT = """\
+Stage 'prepare@tabular' didn't change, skipping
+Running stage 'train@tabular':
+> ratchet train tabular
+epoch   1/3  train_loss 1.0741  val_loss 0.8709  val_accuracy 0.5778  val_f1_macro 0.5659  lr 1.00e-02  (0.46 s)
+trained tabular: best epoch 3/3, val_loss 0.6327 -> /p/models/tabular
+Generating lock file 'dvc.lock'
+Updating lock file 'dvc.lock'
+To track the changes with git, run:
+\tgit add dvc.lock models/.gitignore
+To enable auto staging, run:
+\tdvc config core.autostage true
+Use `dvc push` to send your updates to remote storage.
+Data and pipelines are up to date."""
+
+
+def test_the_log_keeps_the_stages_lines_and_drops_dvcs_advice():
+    kept = [line for line in DVC_OUTPUT.splitlines() if shown(line, "train@tabular")]
+    assert kept == DVC_OUTPUT.splitlines()[1:5]
+    # the step's own stage, already up to date, still says so
+    assert shown("Stage 'train@tabular' didn't change, skipping", "train@tabular")
+    for line in ("error: train@tabular: data/t.csv: column 'ph' is not numeric (line 6: 'high')",
+                 "ERROR: failed to reproduce 'train@tabular': failed to run: ratchet train tabular, exited with 2",
+                 "Traceback (most recent call last):"):
+        assert shown(line, "train@tabular"), line
+
+
+def _ran(project, tracking_uri: str | None) -> str:
+    """The summary of a finished tabular run (its files written as the stages write them)."""
+    write_params(project, tiny_params())
+    (project / "reports/tabular/evaluation").mkdir(parents=True)
+    (project / "reports/tabular/evaluation/classification_report.txt").write_text("report\n")
+    (project / "reports/tabular/metrics.json").write_text(json.dumps({"accuracy": 0.9, "f1_macro": 0.8, "samples": 45}))
+    (project / "models/tabular").mkdir(parents=True)
+    (project / "models/tabular/run.json").write_text(json.dumps({"run_id": "abc123", "experiment": "tabular",
+                                                                 "experiment_id": "4"}))
+    promotion = {"registered_model": "tabular", "version": 2, "promoted": True, "champion_after": 2,
+                 "reason": "better"}
+    return summary({"tabular": promotion}, str(project / "params.yaml"), tracking_uri)
+
+
+@pytest.mark.parametrize("uri", ["http://mlflow.internal:5000", "https://mlflow.example.com/"])
+def test_the_summary_links_the_tracking_servers_pages(tmp_path, uri):
+    text = _ran(tmp_path, uri)
+    base = uri.rstrip("/")
+    assert (f"MLflow run    abc123 in experiment 'tabular': {base}/#/experiments/4/runs/abc123"
+            "?workflowType=machine_learning") in text
+    assert f"models:/tabular@champion (v2)   {base}/#/models/tabular" in text
+    assert "make ui" not in text and "127.0.0.1" not in text
+
+
+@pytest.mark.parametrize("uri", [None, "sqlite:///elsewhere/mlflow.db", "file:///tmp/mlruns"])
+def test_the_summary_sends_a_local_store_to_make_ui(tmp_path, uri):
+    text = _ran(tmp_path, uri)
+    assert ("MLflow run    abc123 in experiment 'tabular': make ui -> http://127.0.0.1:5000/#/experiments/4/runs/"
+            "abc123?workflowType=machine_learning") in text
+    assert "#/models" not in text
+
+
+@pytest.mark.slow
+def test_dvc_plots_show_draws_the_forecast_over_time_and_every_plot_with_data(dvc_project):
+    """The forecast's x is a timestamp: DVC's own templates type it as a number (no valid value,
+    an empty plot), the `forecast` template as time. A plots folder's marker file is no plot."""
+    (dvc_project / ".dvc/plots").mkdir(exist_ok=True)
+    shutil.copy(REPO / ".dvc/plots/forecast.json", dvc_project / ".dvc/plots/forecast.json")
+    dvc(dvc_project, "repro", "evaluate@sequence")
+    shown_ = json.loads(dvc(dvc_project, "plots", "show", "--json", "-o", str(dvc_project / "dvc_plots")).stdout)
+    assert not [e for e in shown_.get("errors", []) if "sequence" in str(e)], shown_["errors"]
+
+    [forecast] = shown_["data"]["forecast@sequence"]
+    spec = forecast["content"]
+    assert spec["transform"] == [{"calculate": "toDate(replace(datum['timestamp'], ' ', 'T'))", "as": "time"}]
+    assert spec["encoding"]["x"] == {"field": "time", "type": "temporal", "title": "timestamp"}
+    with open(dvc_project / "reports/sequence/evaluation/forecast.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    rows = spec["data"]["values"]
+    series = ("actual", "predicted", "naive", "seasonal_naive")
+    assert len(rows) == len(written) * len(series) == 48 * 4  # evaluate.plot_steps, every series
+    assert {row["field"] for row in rows} == set(series)
+    stamps = pd.to_datetime(pd.Series([row["timestamp"].replace(" ", "T") for row in rows]), format="ISO8601")
+    assert stamps.notna().all()
+    first = stamps[[row["field"] == "actual" for row in rows]].reset_index(drop=True)
+    assert (first.diff().dropna() == pd.Timedelta(hours=1)).all()  # the test part's hourly steps
+    assert first[0] == pd.Timestamp(written[0]["timestamp"])
+    assert all(float(row["dvc_inferred_y_value"]) == float(row[row["field"]]) for row in rows)
+
+    plots = [name for name in shown_["data"] if name.startswith("reports/sequence/plots/")]
+    assert sorted(plots) == [f"reports/sequence/plots/{n}" for n in ("curves.png", "forecast.png", "history.csv")]
+    [history] = shown_["data"]["reports/sequence/plots/history.csv"]
+    assert history["content"]["encoding"]["x"]["field"] == "epoch"
+    assert [int(row["epoch"]) for row in history["content"]["data"]["values"]] == [1, 2, 3]
