@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test test-fast ui repro dag lock bench clean
+.PHONY: setup chromium run test test-fast ui screenshots repro dag lock bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	@touch $@
 
+## chromium: Debian's headless Chromium for the browser test (tests/test_browser.py drives it with
+## Playwright); a no-op once /usr/bin/chromium exists. Needs root (or sudo) on a Debian machine.
+CHROMIUM := /usr/bin/chromium
+chromium: $(CHROMIUM)
+
+$(CHROMIUM):
+	$$(test "$$(id -u)" = 0 || echo sudo) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium'
+
 ## run: every pipeline in params.yaml through the Prefect flow (prepare -> train -> evaluate -> promote)
 run: setup
 	$(PY) -m pipelines.retrain
@@ -26,7 +34,7 @@ run: setup
 ## test: the whole suite (slow tests included), one test file per core (most tests wait on
 ## process start-up, DVC and Prefect: two workers finish in about two thirds of the time);
 ## files with the most slow tests start first (tests/conftest.py orders them, xdist keeps it)
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
@@ -35,6 +43,11 @@ test-fast: setup
 ## ui: MLflow UI on http://127.0.0.1:5000 over the local tracking database
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+## screenshots: the MLflow UI over mlflow.db (after `make run`) into docs/, with a confusion matrix
+## and a forecast plot from reports/
+screenshots: setup chromium
+	$(PY) tests/browser_ui.py --root . --out docs
 
 repro: setup
 	dvc repro
