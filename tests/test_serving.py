@@ -31,6 +31,8 @@ from ratchet.config import load_params
 from ratchet.stages import prepare, promote, train
 
 PIPELINES = ("tabular", "image", "sequence", "multihead", "multiinput")
+REGISTERED = {"tabular": "tabular", "image": "image", "sequence": "sequence", "multihead": "multihead",
+              "multiinput": "omniglot_in"}
 BIN = Path(sys.executable).parent
 
 
@@ -48,7 +50,7 @@ def served(tmp_path_factory) -> Path:
         multiinput[section][path] = multiinput[section][path].replace("multihead", "multiinput")
     multiinput["evaluate"] = {k: v.replace("multihead", "multiinput") if isinstance(v, str) else v
                               for k, v in multiinput["evaluate"].items()}
-    multiinput["promote"] = {"registered_model": "multiinput", "metric": "class.f1_macro",
+    multiinput["promote"] = {"registered_model": "omniglot_in", "metric": "class.f1_macro",  # not the pipeline's name
                              "out": "reports/multiinput/promotion.json"}
     params["pipelines"]["multiinput"] = multiinput
     write_params(project, params)
@@ -150,9 +152,11 @@ def test_predict_answers_every_head_and_reads_the_group_from_folders(served, tmp
             "group_prob_Alpha"} <= set(heads.columns)
     assert (heads["group_label"] == heads["file"].str.split("/").str[0]).mean() > 0.6
 
+    # from another folder, the pipeline's name finds the registered model its versions were trained by
     assert predict(served, monkeypatch, "multiinput", str(source / "Beta"), "--out", str(tmp_path / "in.csv")) == 0
     scored = pd.read_csv(tmp_path / "in.csv")
     assert len(scored) == 18 and "group_label" not in scored.columns and "class_label" in scored.columns
+    assert (scored["model"] == "omniglot_in v1").all()
     loose = tmp_path / "loose"
     loose.mkdir()
     shutil.copy(next(source.rglob("*.png")), loose / "x.png")
@@ -231,7 +235,7 @@ def test_registered_models_load_without_unpickling_and_keep_their_weights(served
     client = mlflow_client(served)
     mlflow.set_tracking_uri(store(served))
     mlflow.set_registry_uri(store(served))
-    for name in PIPELINES:
+    for name in REGISTERED.values():
         version = client.get_model_version_by_alias(name, "champion")
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}"))
         mlmodel = (local / "MLmodel").read_text()
@@ -286,7 +290,7 @@ def _requests(served: Path) -> dict[str, pd.DataFrame]:
     return {"tabular": table, "image": pd.DataFrame({"image": b64}),
             "sequence": pd.read_csv(served / "data/raw/series.csv").iloc[-24:],
             "multihead": pd.DataFrame({"image": g64}),
-            "multiinput": pd.DataFrame({"image": g64, "group": ["Alpha", "Alpha"]})}
+            "omniglot_in": pd.DataFrame({"image": g64, "group": ["Alpha", "Alpha"]})}
 
 
 @pytest.mark.slow
@@ -296,7 +300,7 @@ def test_mlflow_models_serve_answers_json_and_csv_with_class_names(served):
     mlflow.set_tracking_uri(store(served))
     mlflow.set_registry_uri(store(served))
     env = {**os.environ, "MLFLOW_TRACKING_URI": store(served), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    ports = {name: _free_port() for name in PIPELINES}
+    ports = {name: _free_port() for name in REGISTERED.values()}
     servers = {name: subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}@champion",
                                        "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

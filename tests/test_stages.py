@@ -38,6 +38,7 @@ def test_a_training_run_holds_params_epochs_checkpoint_and_report(project):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.optimizer.lr"] == "0.01" and run.data.params["model.hidden"] == "[16, 8]"
+    assert not [k for k in run.data.metrics if k.startswith("system/")]  # system metrics are off by default
     assert [m.step for m in client.get_metric_history(run_id, "val_f1_macro")] == [1, 2, 3, 4, 5, 6]
     assert 0.5 < run.data.metrics["test_accuracy"] <= 1.0
     assert "test_class_class_0_f1" in run.data.metrics
@@ -230,3 +231,12 @@ def test_a_model_whose_mlflow_run_is_gone_stops_evaluate_and_promote_in_one_line
     assert not (project / "reports").exists()
     client = MlflowClient(other)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []  # nothing opened
+
+
+def test_system_metrics_are_an_option_of_the_training_run(project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # seconds; MLflow's default is 10
+    stage(project, prepare)
+    stage(project, train, **{"tabular.train.system_metrics": True, "tabular.train.epochs": 10})
+    run_id = json.loads((project / "models/tabular/run.json").read_text())["run_id"]
+    metrics = mlflow_client(project).get_run(run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics), metrics

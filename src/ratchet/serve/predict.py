@@ -11,7 +11,8 @@ output CSV has a row per input row or image (per forecast step for a series) and
 
 The model is found in the tracking store of the project in the working directory (params.yaml
 there: its mlflow.db and `promote.registered_model`), or, from any folder, in the store that
-MLFLOW_TRACKING_URI names (the registered model is then the pipeline's name).
+MLFLOW_TRACKING_URI names (the registered model whose versions that pipeline trained, or the
+registered model of that name).
 """
 
 from __future__ import annotations
@@ -66,7 +67,24 @@ def _registered_name(pipeline: str, params_file: Path) -> str:
         raise RatchetError(f"{params_file}: not found, and MLFLOW_TRACKING_URI is not set: run from the project "
                            "folder, or point at its store, e.g. export MLFLOW_TRACKING_URI=sqlite:////path/to/"
                            "project/mlflow.db (or the team's http://host:5000)")
-    return pipeline
+    return _registered_for(pipeline)
+
+
+def _registered_for(pipeline: str) -> str:
+    """Without params.yaml: the registered model whose versions the pipeline `pipeline` trained
+    (each version is tagged with it), else a registered model of that name."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        names = sorted({v.name for v in MlflowClient().search_model_versions(
+            f"tags.`ratchet.pipeline` = '{pipeline}'")})
+    except MlflowException:
+        names = []
+    if len(names) > 1:
+        raise RatchetError(f"pipeline '{pipeline}' registered {', '.join(names)}: name one with --model "
+                           f"models:/<name>@champion")
+    return names[0] if names else pipeline
 
 
 def _model_uri(registered: str, model: str | None) -> str:
