@@ -298,6 +298,7 @@ def dvc_project(tmp_path: Path) -> Path:
     git(tmp_path, "init", "-q")
     dvc(tmp_path, "init", "-q")
     dvc(tmp_path, "config", "core.analytics", "false")
+    shutil.copytree(REPO / ".dvc/plots", tmp_path / ".dvc/plots")  # dvc.yaml's plot templates
     git(tmp_path, "add", "-A")
     git(tmp_path, "commit", "-qm", "tiny project")
     return tmp_path

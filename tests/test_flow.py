@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import psutil
 import pytest
 import yaml
@@ -61,6 +63,7 @@ def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project):
     lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())
     prepared_md5 = lock["stages"]["prepare@tabular"]["outs"][0]["md5"]
     assert run.data.tags["ratchet.dvc.data/prepared/tabular"] == prepared_md5
+    _check_dvc_plots(dvc_project)
 
     # A clearly worse setting through the same flow: registered, re-scored, refused.
     write_params(dvc_project, tiny_params(**WORSE))
@@ -74,6 +77,38 @@ def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project):
     assert client.get_run(client.get_model_version("tabular", "2").run_id).data.tags["ratchet.git.dirty"] == "true"
     status = json.loads(dvc(dvc_project, "status", "--json").stdout)
     assert not [stage for stage in status if stage.endswith(("@tabular", "@sequence")) or stage == "demo_data"], status
+
+
+def _check_dvc_plots(project) -> None:
+    """`dvc plots show` draws every plot with data. The forecast's x is a timestamp: DVC's own
+    templates type it as a number (no valid value, an empty plot), the `forecast` template as
+    time. A plots folder's marker file is no plot."""
+    html = project.parent / f"{project.name}-dvc_plots"  # outside the git tree the flow test checks
+    shown_ = json.loads(dvc(project, "plots", "show", "--json", "-o", str(html)).stdout)
+    assert not [e for e in shown_.get("errors", []) if "sequence" in str(e)], shown_["errors"]
+
+    [forecast] = shown_["data"]["forecast@sequence"]
+    spec = forecast["content"]
+    assert spec["transform"] == [{"calculate": "toDate(replace(datum['timestamp'], ' ', 'T'))", "as": "time"}]
+    assert spec["encoding"]["x"] == {"field": "time", "type": "temporal", "title": "timestamp"}
+    with open(project / "reports/sequence/evaluation/forecast.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    rows = spec["data"]["values"]
+    series = ("actual", "predicted", "naive", "seasonal_naive")
+    assert len(rows) == len(written) * len(series) == 48 * 4  # evaluate.plot_steps, every series
+    assert {row["field"] for row in rows} == set(series)
+    stamps = pd.to_datetime(pd.Series([row["timestamp"].replace(" ", "T") for row in rows]), format="ISO8601")
+    assert stamps.notna().all()
+    first = stamps[[row["field"] == "actual" for row in rows]].reset_index(drop=True)
+    assert (first.diff().dropna() == pd.Timedelta(hours=1)).all()  # the test part's hourly steps
+    assert first[0] == pd.Timestamp(written[0]["timestamp"])
+    assert all(float(row["dvc_inferred_y_value"]) == float(row[row["field"]]) for row in rows)
+
+    plots = [name for name in shown_["data"] if name.startswith("reports/sequence/plots/")]
+    assert sorted(plots) == [f"reports/sequence/plots/{n}" for n in ("curves.png", "forecast.png", "history.csv")]
+    [history] = shown_["data"]["reports/sequence/plots/history.csv"]
+    assert history["content"]["encoding"]["x"]["field"] == "epoch"
+    assert [int(row["epoch"]) for row in history["content"]["data"]["values"]] == [1, 2, 3]
 
 
 @pytest.mark.slow

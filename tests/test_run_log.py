@@ -3,13 +3,10 @@ summary's pointer to the MLflow UI, and `dvc plots show` drawing every plot with
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
 
-import pandas as pd
 import pytest
-from conftest import REPO, dvc, tiny_params, write_params
+from conftest import tiny_params, write_params
 
 from pipelines.retrain import shown, summary
 
@@ -72,37 +69,3 @@ def test_the_summary_sends_a_local_store_to_make_ui(tmp_path, uri):
     assert ("MLflow run    abc123 in experiment 'tabular': make ui -> http://127.0.0.1:5000/#/experiments/4/runs/"
             "abc123?workflowType=machine_learning") in text
     assert "#/models" not in text
-
-
-@pytest.mark.slow
-def test_dvc_plots_show_draws_the_forecast_over_time_and_every_plot_with_data(dvc_project):
-    """The forecast's x is a timestamp: DVC's own templates type it as a number (no valid value,
-    an empty plot), the `forecast` template as time. A plots folder's marker file is no plot."""
-    (dvc_project / ".dvc/plots").mkdir(exist_ok=True)
-    shutil.copy(REPO / ".dvc/plots/forecast.json", dvc_project / ".dvc/plots/forecast.json")
-    dvc(dvc_project, "repro", "evaluate@sequence")
-    shown_ = json.loads(dvc(dvc_project, "plots", "show", "--json", "-o", str(dvc_project / "dvc_plots")).stdout)
-    assert not [e for e in shown_.get("errors", []) if "sequence" in str(e)], shown_["errors"]
-
-    [forecast] = shown_["data"]["forecast@sequence"]
-    spec = forecast["content"]
-    assert spec["transform"] == [{"calculate": "toDate(replace(datum['timestamp'], ' ', 'T'))", "as": "time"}]
-    assert spec["encoding"]["x"] == {"field": "time", "type": "temporal", "title": "timestamp"}
-    with open(dvc_project / "reports/sequence/evaluation/forecast.csv", newline="") as f:
-        written = list(csv.DictReader(f))
-    rows = spec["data"]["values"]
-    series = ("actual", "predicted", "naive", "seasonal_naive")
-    assert len(rows) == len(written) * len(series) == 48 * 4  # evaluate.plot_steps, every series
-    assert {row["field"] for row in rows} == set(series)
-    stamps = pd.to_datetime(pd.Series([row["timestamp"].replace(" ", "T") for row in rows]), format="ISO8601")
-    assert stamps.notna().all()
-    first = stamps[[row["field"] == "actual" for row in rows]].reset_index(drop=True)
-    assert (first.diff().dropna() == pd.Timedelta(hours=1)).all()  # the test part's hourly steps
-    assert first[0] == pd.Timestamp(written[0]["timestamp"])
-    assert all(float(row["dvc_inferred_y_value"]) == float(row[row["field"]]) for row in rows)
-
-    plots = [name for name in shown_["data"] if name.startswith("reports/sequence/plots/")]
-    assert sorted(plots) == [f"reports/sequence/plots/{n}" for n in ("curves.png", "forecast.png", "history.csv")]
-    [history] = shown_["data"]["reports/sequence/plots/history.csv"]
-    assert history["content"]["encoding"]["x"]["field"] == "epoch"
-    assert [int(row["epoch"]) for row in history["content"]["data"]["values"]] == [1, 2, 3]
