@@ -64,16 +64,20 @@ def retry_can_fix(task, task_run, state) -> bool:
 
 
 @task(retry_condition_fn=retry_can_fix)
-def dvc_repro(stage: str, root: str, label: str = "") -> None:
+def dvc_repro(stage: str, root: str, label: str = "", force_because: str | None = None) -> None:
     """`dvc repro <stage>` in the project, its output streamed to the task log after `label`
-    (which pipeline and step this is), less DVC's advice (`shown`)."""
+    (which pipeline and step this is), less DVC's advice (`shown`). With `force_because` (why),
+    the stage runs even though DVC finds it up to date (`--force --single-item`)."""
     logger = get_run_logger()
     if label:
         logger.info(label)
+    force = ["--force", "--single-item"] if force_because else []
+    if force_because:
+        logger.info(f"{force_because}: running {stage} again")
     bin_dir = str(Path(sys.executable).parent)  # the stage commands (`ratchet ...`) live beside python
     env = {**os.environ, FLOW_RUN_ENV: str(flow_run.get_id() or ""),
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *force, stage], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     lines: deque[str] = deque(maxlen=200)
     for line in proc.stdout:
@@ -115,9 +119,27 @@ def pipeline_flow(pipeline: str, params_file: str = "params.yaml", train_retries
     for step in STEPS:
         retries = train_retries if step == "train" else 0
         dvc_repro.with_options(name=f"{pipeline}-{step}", retries=retries, retry_delay_seconds=5)(
-            stage_name(step, pipeline), str(params.root), step_label(pipeline, number, of, step)
+            stage_name(step, pipeline), str(params.root), step_label(pipeline, number, of, step),
+            untracked(cfg, params.root, pipeline) if step == "train" else None,
         )
     return json.loads(cfg.promote.out.read_text())
+
+
+def untracked(cfg, root: Path, pipeline: str) -> str | None:
+    """Why the trained model must be trained again although DVC finds it up to date: its MLflow
+    run (or registered version) is not in the tracking store in use. DVC sees data, params and
+    code, not where MLFLOW_TRACKING_URI points: after a switch to a team server (or a deleted
+    mlflow.db) the model would stay registered only in the old store. None when it is there, or
+    when nothing was trained yet."""
+    from ratchet.tracking.runs import RUN_FILE, tracked_run
+
+    if not (cfg.train.out_dir / RUN_FILE).is_file():
+        return None
+    try:
+        tracked_run(cfg.train.out_dir, root, stage_name("train", pipeline))
+    except RatchetError as exc:
+        return str(exc).split("; train again")[0]
+    return None
 
 
 def step_label(pipeline: str, number: int, of: int, step: str) -> str:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import pandas as pd
 import psutil
 import pytest
@@ -24,7 +25,7 @@ WORSE = {"tabular.train.epochs": 1, "tabular.train.optimizer.lr": 1e-6}
 
 
 @pytest.mark.slow
-def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project):
+def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project, monkeypatch):
     """`make run`'s flow in a git + DVC project, over a classifier and a forecaster (the image
     family's stages run the same way; test_image_pipeline covers them in-process)."""
     from prefect.client.orchestration import get_client
@@ -77,6 +78,18 @@ def test_flow_trains_tracks_promotes_and_leaves_dvc_up_to_date(dvc_project):
     assert client.get_run(client.get_model_version("tabular", "2").run_id).data.tags["ratchet.git.dirty"] == "true"
     status = json.loads(dvc(dvc_project, "status", "--json").stdout)
     assert not [stage for stage in status if stage.endswith(("@tabular", "@sequence")) or stage == "demo_data"], status
+
+    # Another tracking store (a team's server, a new mlflow.db): DVC finds nothing stale, but that
+    # store holds no run of the trained model, so the flow trains and registers it there.
+    other = dvc_project / "team.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    third = retrain(["tabular"], str(dvc_project / "params.yaml"), 0)["tabular"]
+    assert third["promoted"] and third["version"] == 1  # the first model of that store
+    run_id = json.loads((dvc_project / "models/tabular/run.json").read_text())["run_id"]
+    team = mlflow.MlflowClient(tracking_uri=f"sqlite:///{other}", registry_uri=f"sqlite:///{other}")
+    assert team.get_model_version_by_alias("tabular", "champion").run_id == run_id
+    assert int(client.get_model_version_by_alias("tabular", "champion").version) == 1  # the old store: untouched
+    assert len(client.search_model_versions("name='tabular'")) == 2
 
 
 def _check_dvc_plots(project) -> None:
