@@ -9,10 +9,12 @@ from pathlib import Path
 import yaml
 
 FLOW_RUN_ENV = "RATCHET_FLOW_RUN_ID"  # set by the Prefect flow for the stages it launches
+COMMIT_ENV = "RATCHET_GIT_COMMIT"  # the commit an image was built from (infra/Dockerfile), where git has none
 
 
 def git_state(root: Path) -> dict[str, str]:
-    """The commit, and whether code or params differ from it ('unknown' outside git).
+    """The commit, and whether code or params differ from it ('unknown' outside git, unless
+    RATCHET_GIT_COMMIT names it: the training image has a repository without commits).
 
     dvc.lock and the stages' own git-tracked outputs (metrics.json, promotion.json, DVC's
     .gitignore files) do not count: `dvc repro` rewrites them while it runs, so counting them
@@ -26,7 +28,7 @@ def git_state(root: Path) -> dict[str, str]:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
+    commit = git("rev-parse", "HEAD") or os.environ.get(COMMIT_ENV)
     generated = ["dvc.lock", "**/.gitignore", *_lock(root).get("outs", [])]
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
                  *(f":(exclude,glob){path}" for path in generated))
