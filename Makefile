@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup chromium run test test-fast ui screenshots repro dag lock bench clean
+.PHONY: setup chromium postgres run test test-fast test-team team-up team-down ui screenshots repro dag lock bench clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,24 @@ chromium: $(CHROMIUM)
 $(CHROMIUM):
 	$$(test "$$(id -u)" = 0 || echo sudo) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium'
 
+## postgres: Debian's PostgreSQL server binaries for team mode (a no-op when
+## /usr/lib/postgresql/<version>/bin/pg_ctl exists). Needs root (or sudo) on a Debian machine.
+PG_CTL := $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
+postgres:
+	@test -n "$(PG_CTL)" || $$(test "$$(id -u)" = 0 || echo sudo) sh -c 'apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-common && \
+	  echo "create_main_cluster = false" >> /etc/postgresql-common/createcluster.conf && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql'
+
+## team-up: PostgreSQL, an MLflow server (basic auth, proxied artifacts), a Prefect server, a
+## process work pool and worker, and the scheduled retrain deployment, all on 127.0.0.1, state in
+## .team/; writes team.env (source it). team-down stops them all and keeps the data.
+team-up: setup postgres
+	$(PY) -m pipelines.team up
+
+team-down: setup
+	$(PY) -m pipelines.team down
+
 ## run: every pipeline in params.yaml through the Prefect flow (prepare -> train -> evaluate -> promote)
 run: setup
 	$(PY) -m pipelines.retrain
@@ -41,6 +59,10 @@ run: setup
 ## files with the most slow tests start first (tests/conftest.py orders them, xdist keeps it)
 test: setup chromium
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+
+## test-team: the tests that start the team stack (tests/test_team.py; CI runs them after make test)
+test-team: setup postgres
+	$(PY) -m pytest -q -m team
 
 test-fast: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
@@ -68,7 +90,7 @@ bench: setup
 ## lock: re-resolve the tested dependency set after editing pyproject.toml
 lock:
 	rm -rf /tmp/ratchet-lock && $(PYTHON) -m venv /tmp/ratchet-lock
-	/tmp/ratchet-lock/bin/pip install --quiet -e '.[dev]'
+	/tmp/ratchet-lock/bin/pip install --quiet -e '.[dev,team]'
 	{ echo "# Tested dependency set: make installs exactly these ('pip install --no-deps -r constraints.txt')."; \
 	  echo "# Regenerate after changing pyproject.toml: make lock"; \
 	  /tmp/ratchet-lock/bin/pip freeze --all --exclude-editable | grep -vE '^(pip|wheel)=='; } > constraints.txt

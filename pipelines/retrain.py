@@ -22,11 +22,14 @@ server for the run; pipelines/deploy.py schedules this flow on a server.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -153,11 +156,48 @@ def retrain(pipelines: list[str] | None = None, params_file: str = "params.yaml"
     params = load_params(params_file)
     stages = (yaml.safe_load((params.root / "dvc.yaml").read_text()) or {}).get("stages", {})
     names = pipelines or list(params.pipelines)
-    if DEMO_STAGE in stages:  # upstream of no pipeline once they all read your own data
-        label = f"[{DEMO_STAGE}] the built-in datasets, before the {len(names)} pipelines"
-        dvc_repro.with_options(name=DEMO_STAGE)(DEMO_STAGE, str(params.root), label)
-    return {name: pipeline_flow(name, params_file, train_retries, number, len(names))
-            for number, name in enumerate(names, 1)}
+    with project_lock(params.root, get_run_logger()):
+        if DEMO_STAGE in stages:  # upstream of no pipeline once they all read your own data
+            label = f"[{DEMO_STAGE}] the built-in datasets, before the {len(names)} pipelines"
+            dvc_repro.with_options(name=DEMO_STAGE)(DEMO_STAGE, str(params.root), label)
+        return {name: pipeline_flow(name, params_file, train_retries, number, len(names))
+                for number, name in enumerate(names, 1)}
+
+
+LOCK_FILE = "ratchet-flow.lock"  # in .dvc/tmp, beside DVC's own lock (git-ignored there)
+
+
+@contextlib.contextmanager
+def project_lock(root: Path, logger, poll_s: float = 1.0, report_s: float = 60.0):
+    """Hold the project for one flow run at a time: a second run (a schedule firing while
+    someone runs `make run`, or Prefect starting a scheduled run twice) waits here until the
+    first ends, then finds what the first did up to date. DVC's own lock would instead fail the
+    second `dvc repro` at once ("Unable to acquire lock"). The OS releases the lock when its
+    holder dies, so a killed run never leaves the project locked."""
+    folder = root / ".dvc" / "tmp" if (root / ".dvc").is_dir() else root
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as handle:
+        waited = 0.0
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if waited % report_s < poll_s:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another flow run"
+                    logger.info(f"waiting for {holder} to finish in {root} ({waited:.0f} s so far)")
+                time.sleep(poll_s)
+                waited += poll_s
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"flow run {flow_run.get_id() or '?'} (pid {os.getpid()})")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # MLflow 3's UI shows an experiment on its GenAI pages (traces, sessions) unless the browser has

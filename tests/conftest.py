@@ -286,22 +286,27 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture
 def dvc_project(tmp_path: Path) -> Path:
     """A git + DVC project: the repo's dvc.yaml and source tree (DVC hashes it as stage deps)."""
-    make_csv(tmp_path / "data/raw/table.csv")
-    make_image_tree(tmp_path / "data/raw/images")
-    make_series(tmp_path / "data/raw/series.csv")
-    make_group_tree(tmp_path / "data/raw/groups")
-    write_params(tmp_path, tiny_params())
-    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")
-    shutil.copytree(REPO / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (tmp_path / ".gitignore").write_text("mlflow.db\nmlruns/\ncheckpoints/\n")
-    git(tmp_path, "init", "-q")
-    dvc(tmp_path, "init", "-q")
-    dvc(tmp_path, "config", "core.analytics", "false")
-    shutil.copytree(REPO / ".dvc/plots", tmp_path / ".dvc/plots")  # dvc.yaml's plot templates
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-qm", "tiny project")
-    return tmp_path
+    return make_dvc_project(tmp_path, tiny_params())
+
+
+def make_dvc_project(root: Path, params: dict) -> Path:
+    """The tiny data, `params`, the repo's dvc.yaml and source tree, in a new git + DVC repo."""
+    make_csv(root / "data/raw/table.csv")
+    make_image_tree(root / "data/raw/images")
+    make_series(root / "data/raw/series.csv")
+    make_group_tree(root / "data/raw/groups")
+    write_params(root, params)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (root / ".gitignore").write_text("mlflow.db\nmlruns/\ncheckpoints/\n")
+    git(root, "init", "-q")
+    dvc(root, "init", "-q")
+    dvc(root, "config", "core.analytics", "false")
+    shutil.copytree(REPO / ".dvc/plots", root / ".dvc/plots")  # dvc.yaml's plot templates
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "tiny project")
+    return root
 
 
 def mlflow_client(project: Path):

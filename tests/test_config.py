@@ -116,3 +116,23 @@ def test_seeds_and_process_counts_are_bounded_at_load(tmp_path, key, value, mess
     write_params(tmp_path, tiny_params(**{key: value, "tabular.train.batch_size": 64 * 32}))
     with pytest.raises(RatchetError, match=re.escape(message)):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ({"cron": "61 * * *"}, "params.yaml: schedule.cron: not a cron schedule (five fields"),
+    ({"pipelines": ["nope"]}, "params.yaml: schedule.pipelines: no pipeline 'nope' under 'pipelines:'"),
+    ({"when": "daily"}, "params.yaml: schedule.when: unknown key"),
+])
+def test_the_schedule_section_is_checked(tmp_path, schedule, expected):
+    params = tiny_params()
+    params["schedule"] = schedule
+    with pytest.raises(RatchetError) as err:
+        load_params(write_params(tmp_path, params))
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+def test_the_schedule_defaults_to_mondays_and_every_pipeline(tmp_path):
+    params = load_params(write_params(tmp_path, tiny_params()))
+    assert params.schedule.cron == "0 3 * * 1" and params.schedule.pipelines == []
+    shipped = load_params(REPO / "params.yaml").schedule
+    assert shipped.cron == "0 3 * * 1" and shipped.pipelines == []

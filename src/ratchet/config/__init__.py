@@ -1,6 +1,6 @@
 """Typed, validated view of params.yaml; `load_params()` is the only reader of the raw YAML.
 
-params.yaml holds the `demo` section and `pipelines`, a mapping of pipeline name -> section;
+params.yaml holds the `demo` and `schedule` sections and `pipelines`, a mapping of pipeline name -> section;
 each section's `family` picks its schema from the family registry (ratchet.families), and the
 family says which monitors and gate metrics exist. Every path is written once, relative to the
 directory of params.yaml, and resolved to an absolute path here. A bad value fails with one
@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ratchet.config.base import (  # noqa: F401  (re-exported: the sections every family shares)
-    ClassifierTrainConfig, CsvData, DemoConfig, EarlyStoppingConfig, EvaluateConfig, OptimizerConfig, PromoteConfig, SchedulerConfig,
+    ClassifierTrainConfig, CsvData, DemoConfig, EarlyStoppingConfig, EvaluateConfig, OptimizerConfig, PromoteConfig, ScheduleConfig, SchedulerConfig,
     Section, TrainConfig, check_metric_names, monitor_mode,
 )
 from ratchet.config.image import AugmentConfig, ImageData, ImagePipeline, ImagePrepare  # noqa: F401
@@ -29,7 +29,7 @@ from ratchet.config.tabular import TabularData, TabularPipeline, TabularPrepare 
 from ratchet.errors import RatchetError
 
 PipelineConfig = Section  # a family's pipeline schema (families/<name>.py names it)
-TOP_LEVEL = ("demo", "pipelines")
+TOP_LEVEL = ("demo", "schedule", "pipelines")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -39,6 +39,7 @@ class Params(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
     file: Path
     demo: DemoConfig
+    schedule: ScheduleConfig
     pipelines: dict[str, PipelineConfig]
 
     @property
@@ -74,6 +75,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise RatchetError(f"{file.name}: {unknown[0]}: unknown top-level key (expected {', '.join(TOP_LEVEL)}; "
                            "a pipeline is a section under 'pipelines:')")
     demo = _validate(DemoConfig, raw.get("demo", {}), "demo", file, context)
+    schedule = _validate(ScheduleConfig, raw.get("schedule", {}), "schedule", file, context)
     sections = raw.get("pipelines") or {}
     if not isinstance(sections, dict):
         raise RatchetError(f"{file.name}: pipelines: expected a mapping of pipeline name -> section")
@@ -96,7 +98,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         check_outputs(cfg, file, where)
         check_processes(cfg, file, where)
         pipelines[name] = cfg
-    return Params(file=file, demo=demo, pipelines=pipelines)
+    for name in schedule.pipelines:
+        if name not in pipelines:
+            raise RatchetError(f"{file.name}: schedule.pipelines: no pipeline '{name}' under 'pipelines:' "
+                               f"(pipelines: {', '.join(pipelines) or 'none'})")
+    return Params(file=file, demo=demo, schedule=schedule, pipelines=pipelines)
 
 
 OUTPUTS = ("prepare.out_dir", "train.out_dir", "train.checkpoint", "evaluate.out_dir", "evaluate.metrics",

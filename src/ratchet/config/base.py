@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -25,6 +26,23 @@ class Section(BaseModel):
 
 class DemoConfig(Section):
     dir: ProjectPath = Field(Path("data/demo"), description="where `ratchet demo-data` writes the built-in datasets")
+
+
+CRON_FIELD = re.compile(r"[0-9A-Za-z*/,?#-]+")
+
+
+def _cron(value: str) -> str:
+    fields = value.split()
+    if len(fields) != 5 or not all(CRON_FIELD.fullmatch(f) for f in fields):
+        raise ValueError("not a cron schedule (five fields: minute hour day-of-month month day-of-week, "
+                         "e.g. '0 3 * * 1')")
+    return " ".join(fields)
+
+
+class ScheduleConfig(Section):
+    cron: Annotated[str, AfterValidator(_cron)] = Field(
+        "0 3 * * 1", description="when the deployment retrains (`make team-up`, pipelines/deploy.py), cron syntax")
+    pipelines: list[str] = Field([], description="which pipelines a scheduled run retrains; []: all")
 
 
 class OptimizerConfig(Section):
