@@ -24,26 +24,12 @@ import httpx
 import psycopg2
 import pytest
 
-from conftest import make_dvc_project, tiny_params, write_params
+from conftest import free_port, make_dvc_project, tiny_params, wait_for, write_params
 from pipelines import team as teamctl
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def weak_tabular(epochs: int, lr: float) -> dict:
