@@ -85,6 +85,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         from importlib import import_module
 
+        from ratchet.numerics import pin
+
+        pin(params.numerics)  # before the stage imports torch: the kernels it picks depend on it
         import_module(f"ratchet.stages.{args.command}").run(params, args.pipeline)
     return 0
 

@@ -1,6 +1,6 @@
 """Typed, validated view of params.yaml; `load_params()` is the only reader of the raw YAML.
 
-params.yaml holds the `demo` and `schedule` sections and `pipelines`, a mapping of pipeline name -> section;
+params.yaml holds the `demo`, `schedule` and `numerics` sections and `pipelines`, a mapping of pipeline name -> section;
 each section's `family` picks its schema from the family registry (ratchet.families), and the
 family says which monitors and gate metrics exist. Every path is written once, relative to the
 directory of params.yaml, and resolved to an absolute path here. A bad value fails with one
@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ratchet.config.base import (  # noqa: F401  (re-exported: the sections every family shares)
-    ClassifierTrainConfig, CsvData, DemoConfig, EarlyStoppingConfig, EvaluateConfig, OptimizerConfig, PromoteConfig, ScheduleConfig, SchedulerConfig,
+    ClassifierTrainConfig, CsvData, DemoConfig, EarlyStoppingConfig, NumericsConfig, EvaluateConfig, OptimizerConfig, PromoteConfig, ScheduleConfig, SchedulerConfig,
     Section, TrainConfig, check_metric_names, monitor_mode,
 )
 from ratchet.config.image import AugmentConfig, ImageData, ImagePipeline, ImagePrepare  # noqa: F401
@@ -29,7 +29,7 @@ from ratchet.config.tabular import TabularData, TabularPipeline, TabularPrepare 
 from ratchet.errors import RatchetError
 
 PipelineConfig = Section  # a family's pipeline schema (families/<name>.py names it)
-TOP_LEVEL = ("demo", "schedule", "pipelines")
+TOP_LEVEL = ("demo", "schedule", "numerics", "pipelines")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -40,6 +40,7 @@ class Params(BaseModel):
     file: Path
     demo: DemoConfig
     schedule: ScheduleConfig
+    numerics: NumericsConfig
     pipelines: dict[str, PipelineConfig]
 
     @property
@@ -76,6 +77,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
                            "a pipeline is a section under 'pipelines:')")
     demo = _validate(DemoConfig, raw.get("demo", {}), "demo", file, context)
     schedule = _validate(ScheduleConfig, raw.get("schedule", {}), "schedule", file, context)
+    numerics = _validate(NumericsConfig, raw.get("numerics", {}), "numerics", file, context)
     sections = raw.get("pipelines") or {}
     if not isinstance(sections, dict):
         raise RatchetError(f"{file.name}: pipelines: expected a mapping of pipeline name -> section")
@@ -102,7 +104,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         if name not in pipelines:
             raise RatchetError(f"{file.name}: schedule.pipelines: no pipeline '{name}' under 'pipelines:' "
                                f"(pipelines: {', '.join(pipelines) or 'none'})")
-    return Params(file=file, demo=demo, schedule=schedule, pipelines=pipelines)
+    return Params(file=file, demo=demo, schedule=schedule, numerics=numerics, pipelines=pipelines)
 
 
 OUTPUTS = ("prepare.out_dir", "train.out_dir", "train.checkpoint", "evaluate.out_dir", "evaluate.metrics",

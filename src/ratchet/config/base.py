@@ -45,6 +45,16 @@ class ScheduleConfig(Section):
     pipelines: list[str] = Field([], description="which pipelines a scheduled run retrains; []: all")
 
 
+class NumericsConfig(Section):
+    mode: Literal["portable", "fast"] = Field(
+        "portable", description="portable: every stage pins the CPU's numeric kernels (AVX2 kernels in oneDNN, MKL "
+                                "and ATen, `threads` threads, deterministic algorithms), so any x86-64 machine with "
+                                "AVX2 or better computes bitwise the same weights and metrics; fast: this CPU's "
+                                "fastest kernels and all its cores, results reproduce on the same CPU model only")
+    threads: int = Field(2, ge=1, le=256, description="portable: intra-op threads per process (results depend on the "
+                                                     "count, so it is fixed, not the machine's core count)")
+
+
 class OptimizerConfig(Section):
     name: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad"] = Field("adam", description="torch.optim algorithm")
     lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
