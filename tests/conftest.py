@@ -350,6 +350,30 @@ def runs_by_status(project: Path) -> dict[str, int]:
     return counts
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def pytest_sessionfinish(session, exitstatus):
     # The in-process Prefect test server logs "Stopping temporary server" from an atexit hook,
     # after pytest has closed the streams its handlers write to: not a failure, only noise.

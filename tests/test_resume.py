@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_csv, mlflow_client, ratchet, runs_by_status, tiny_params, write_params
+from conftest import alive, descendants, make_csv, mlflow_client, ratchet, runs_by_status, tiny_params, write_params
 
 from ratchet.train.checkpoint import load_checkpoint
 
@@ -179,30 +179,6 @@ def test_a_checkpoint_from_other_params_is_not_resumed(tmp_path):
     assert json.loads((project / "models/tabular/run.json").read_text())["run_id"] != first_run
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, grandchildren), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 def test_sigterm_to_a_ddp_training_stops_its_workers_and_marks_the_run_killed(tmp_path):
     project = new_project(tmp_path)
@@ -214,7 +190,7 @@ def test_sigterm_to_a_ddp_training_stops_its_workers_and_marks_the_run_killed(tm
     while time.monotonic() < deadline and proc.poll() is None and not checkpoint.exists():
         time.sleep(0.05)
     assert checkpoint.exists(), "training did not reach its first checkpoint"
-    tree = _descendants(proc.pid)
+    tree = descendants(proc.pid)
     workers = [pid for pid in tree if b"torch.distributed.run" not in Path(f"/proc/{pid}/cmdline").read_bytes()
                and b"ratchet" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(workers) == 2, tree
@@ -222,9 +198,9 @@ def test_sigterm_to_a_ddp_training_stops_its_workers_and_marks_the_run_killed(tm
     try:
         proc.wait(timeout=120)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+        while time.monotonic() < deadline and any(alive(pid) for pid in tree):
             time.sleep(0.1)
-        left = [pid for pid in tree if _alive(pid)]
+        left = [pid for pid in tree if alive(pid)]
     finally:
         for pid in tree:  # whatever the outcome, nothing of this test keeps running
             with contextlib.suppress(ProcessLookupError):

@@ -3,8 +3,13 @@
 With `train.nproc` > 1 the command re-launches itself under torchrun on this machine (gloo on
 CPU, NCCL on GPUs). Across nodes, start it on every node with torchrun yourself:
 
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \
+        --rdzv-id JOB_ID --rdzv-conf is_host=IS_HOST,read_timeout=600 --max-restarts 2 \
         -m ratchet train tabular
+
+(IS_HOST: 1 on the node HOST names, 0 elsewhere; JOB_ID: the same on every node; the variable
+lets a restarted node rejoin; see README.)
 
 Logs the run to MLflow and registers the model as a new version of `promote.registered_model`
 (the promote stage then decides whether it becomes `@champion`). Before training it checks
@@ -59,8 +64,6 @@ def run(params: Params, name: str) -> dict:
     family = get_family(cfg.family)
     prepared = family.load(cfg.prepare.out_dir)
     check_replaceable(cfg.train.out_dir)  # before any work: a foreign directory there stays untouched
-    if not under_torchrun():
-        _remove_stale_temporaries(cfg)
     if cfg.train.nproc > 1 and not under_torchrun():
         _check_registry(params, cfg, family, prepared.meta)  # fail here, before any process starts
         launch(cfg.train.nproc, "train", name, str(params.file))
@@ -73,6 +76,8 @@ def _train(params: Params, name: str, cfg: PipelineConfig, family: Family, prepa
            dist: DistInfo) -> dict:
     started = time.perf_counter()
     meta = prepared.meta
+    if dist.is_main:  # rank 0 alone writes them, here too after a node's restart under torchrun
+        _remove_stale_temporaries(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     net = family.new_model(cfg.model, meta)
     fresh = load_initial_weights(
