@@ -136,3 +136,22 @@ def test_the_schedule_defaults_to_mondays_and_every_pipeline(tmp_path):
     assert params.schedule.cron == "0 3 * * 1" and params.schedule.pipelines == []
     shipped = load_params(REPO / "params.yaml").schedule
     assert shipped.cron == "0 3 * * 1" and shipped.pipelines == []
+
+
+@pytest.mark.parametrize("numerics, expected", [
+    ({"mode": "exact"}, "params.yaml: numerics.mode: must be 'portable' or 'fast' (got 'exact')"),
+    ({"threads": 0}, "params.yaml: numerics.threads: must be greater than or equal to 1 (got 0)"),
+    ({"isa": "avx2"}, "params.yaml: numerics.isa: unknown key"),
+])
+def test_the_numerics_section_is_checked(tmp_path, numerics, expected):
+    params = tiny_params()
+    params["numerics"] = numerics
+    with pytest.raises(RatchetError) as err:
+        load_params(write_params(tmp_path, params))
+    assert str(err.value) == expected
+
+
+def test_numerics_default_to_portable():
+    """Committed metrics.json files are what portable mode reproduces on any AVX2 machine."""
+    shipped = load_params(REPO / "params.yaml").numerics
+    assert shipped.mode == "portable" and shipped.threads >= 1

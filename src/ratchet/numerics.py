@@ -50,6 +50,8 @@ def pin(cfg: NumericsConfig) -> None:
     import torch
 
     torch.set_num_threads(cfg.threads)
-    # warn_only: an op without a deterministic kernel (a few CUDA scatters) warns instead of failing
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic algorithms, warn-only: an op without a deterministic kernel (a few CUDA
+    # scatters) warns instead of failing. Not torch.use_deterministic_algorithms(): it also sets
+    # torch.compile's flag, importing inductor and dynamo (~2 s of every stage's start-up).
+    torch.set_deterministic_debug_mode("warn")
     torch.backends.cudnn.benchmark = False

@@ -5,6 +5,10 @@ pipeline's stage `<step>@<pipeline>`; `stage_name` is the one place that spells 
 """
 
 STEPS = ("prepare", "train", "evaluate", "promote")
+# What the train stage writes in train.out_dir, beside run.json (named here, so a stage that
+# reads them does not import the training code).
+MODEL_FILE = "model.pt"
+HISTORY_FILE = "history.csv"
 
 
 def stage_name(step: str, pipeline: str) -> str:

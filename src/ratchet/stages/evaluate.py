@@ -25,8 +25,7 @@ from ratchet.config import Params, PipelineConfig
 from ratchet.data.prepared import check_replaceable, replace_dir
 from ratchet.errors import RatchetError
 from ratchet.families import Family, get_family
-from ratchet.stages import stage_name
-from ratchet.stages.train import HISTORY_FILE, MODEL_FILE
+from ratchet.stages import HISTORY_FILE, MODEL_FILE, stage_name
 from ratchet.tracking.runs import numeric, tracked_run, training_run, use_tracking
 from ratchet.train.distributed import distributed, launch, under_torchrun
 

@@ -40,6 +40,7 @@ from ratchet.config import Params, PipelineConfig, config_hash
 from ratchet.data.prepared import Prepared, check_replaceable, replace_dir, write_json
 from ratchet.evaluate.plots import curves_png
 from ratchet.families import Family, get_family, monitor_mode
+from ratchet.stages import HISTORY_FILE, MODEL_FILE
 from ratchet.models import count_parameters
 from ratchet.models.finetune import freeze, load_initial_weights
 from ratchet.serve.log import log_served_model
@@ -53,9 +54,6 @@ from ratchet.train.distributed import DistInfo, distributed, launch, sync_batchn
 from ratchet.train.optim import build_optimizer, build_scheduler
 from ratchet.train.loader import BatchLoader
 from ratchet.train.trainer import Trainer
-
-MODEL_FILE = "model.pt"
-HISTORY_FILE = "history.csv"
 
 
 def run(params: Params, name: str) -> dict:
