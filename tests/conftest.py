@@ -20,6 +20,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# How long a test waits for a process or a file: a guard against a hang, not a speed check, so far
+# above what any step takes on a loaded 2-core machine (an epoch of a tiny run took 50 s there).
+PATIENCE = float(os.environ.get("RATCHET_TEST_PATIENCE", 1800))  # s
 
 # Before prefect is imported anywhere: keep its database and settings out of the user's home.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ratchet-test-prefect-"))
@@ -31,6 +34,11 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("MLFLOW_REGISTRY_URI", None)
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # `ratchet` for dvc.yaml's cmds
+# One intra-op thread per process: `make test` runs two workers on two cores, and each starts
+# stage processes; two threads each would have OpenMP's spinning threads wait on one another
+# (a tiny epoch 30x slower). Before torch is imported; tiny_params pins the stages to it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -204,7 +212,7 @@ def tiny_sequence_section(source: str = "data/raw/series.csv", **data) -> dict:
 def tiny_params(source: str = "data/raw/table.csv", label: str = "label", **overrides) -> dict:
     """params.yaml content for small, fast `tabular`, `image` and `sequence` pipelines; `overrides`
     are dotted keys, relative to `pipelines` unless they start with `demo`."""
-    params = {"demo": {"dir": "data/demo"}, "pipelines": {
+    params = {"demo": {"dir": "data/demo"}, "numerics": {"mode": "portable", "threads": 1}, "pipelines": {
         "tabular": {
             "family": "tabular",
             "seed": 7,
@@ -250,7 +258,7 @@ def write_params(project: Path, params: dict) -> Path:
     return path
 
 
-def ratchet(project: Path, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+def ratchet(project: Path, *args: str, check: bool = True, timeout: float = PATIENCE) -> subprocess.CompletedProcess:
     """Run the `ratchet` CLI in `project` as a user would."""
     proc = subprocess.run([sys.executable, "-m", "ratchet", *args, "--params", str(project / "params.yaml")],
                           cwd=project, capture_output=True, text=True, timeout=timeout)
@@ -261,7 +269,7 @@ def ratchet(project: Path, *args: str, check: bool = True, timeout: int = 300) -
 
 def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=PATIENCE)
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -15,7 +15,7 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
-from conftest import dvc, git, mlflow_client, tiny_params, write_params
+from conftest import PATIENCE, dvc, git, mlflow_client, tiny_params, write_params
 
 from ratchet.stages import STEPS
 from ratchet.train.checkpoint import load_checkpoint
@@ -131,7 +131,7 @@ def test_flow_retries_a_killed_training_which_resumes_its_run(dvc_project):
     flow = subprocess.Popen([sys.executable, "-m", "pipelines.retrain", "tabular", "--train-retries", "1"],
                             cwd=dvc_project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed_at = None
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + PATIENCE
     while killed_at is None and time.monotonic() < deadline and flow.poll() is None:
         if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] >= 2:
             for child in psutil.Process(flow.pid).children(recursive=True):
@@ -139,7 +139,7 @@ def test_flow_retries_a_killed_training_which_resumes_its_run(dvc_project):
                     killed_at = load_checkpoint(checkpoint)
                     child.send_signal(signal.SIGKILL)
         time.sleep(0.02)
-    out, _ = flow.communicate(timeout=300)
+    out, _ = flow.communicate(timeout=PATIENCE)
     assert killed_at is not None, out
     assert flow.returncode == 0, out
     assert "resuming tabular from" in out  # the retry picked the checkpoint up
@@ -167,7 +167,7 @@ def test_a_failed_stage_is_reported_by_its_own_one_line_error(dvc_project):
     (dvc_project / "data/raw/table.csv").write_text("f0,f1,label\n1,2,a\n3,x,b\n")
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "train@tabular"], cwd=dvc_project, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=PATIENCE)
     assert proc.returncode != 0
     message = failure_message("train@tabular", proc.returncode, proc.stdout.splitlines())
     assert message.startswith("prepare@tabular: ") and "\n" not in message, proc.stdout
@@ -193,7 +193,7 @@ def test_a_stages_own_error_fails_the_flow_after_one_attempt(dvc_project):
 
     started = time.monotonic()
     flow = subprocess.run([sys.executable, "-m", "pipelines.retrain", "tabular", "--train-retries", "2"],
-                          cwd=dvc_project, capture_output=True, text=True, timeout=600)
+                          cwd=dvc_project, capture_output=True, text=True, timeout=PATIENCE)
     out = flow.stdout + flow.stderr
     assert flow.returncode == 1, out
     assert out.count("Running stage 'train@tabular'") == 1, out  # one attempt, no retry

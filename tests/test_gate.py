@@ -187,7 +187,7 @@ def test_two_promotions_at_once_leave_the_better_version_as_champion_in_either_o
     import sys
     import time
 
-    from conftest import mlflow_client, write_params
+    from conftest import PATIENCE, mlflow_client, write_params
 
     from ratchet.cli import main
 
@@ -214,7 +214,7 @@ def test_two_promotions_at_once_leave_the_better_version_as_champion_in_either_o
                                            str(project / "params.yaml")], cwd=project, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, text=True))
             time.sleep(0.3)
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        outputs = [p.communicate(timeout=PATIENCE)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outputs
         for name, out in (("tabular", "reports/tabular/promotion.json"), ("b", "reports/b/promotion.json")):
             record = json.loads((project / out).read_text())

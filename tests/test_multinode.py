@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from conftest import (
-    REPO, alive, descendants, free_port, make_csv, mlflow_client, ratchet, tiny_params, wait_for, write_params,
+    PATIENCE, REPO, alive, descendants, free_port, make_csv, mlflow_client, ratchet, tiny_params, wait_for, write_params,
 )
 
 from ratchet.train.checkpoint import load_checkpoint
@@ -31,7 +31,7 @@ EPOCHS = 6
 # 32 a step take about a second an epoch on two nodes, long enough to kill one mid-run.
 SETTINGS = {"tabular.train.epochs": EPOCHS, "tabular.train.batch_size": 32, "tabular.model.batchnorm": True,
             "tabular.train.scheduler": {"name": "step", "step_size": 2}}
-TIMEOUT = 900  # s; generous: a loaded 2-core machine is slow, a hung rendezvous still ends
+TIMEOUT = PATIENCE  # a loaded 2-core machine is slow; a hung rendezvous still ends
 # Part of the command (README: a prefix; Kubernetes: the container's env). With the agents
 # sharing their rendezvous store with the workers (torch's default), a node started again
 # after a loss never learns the master address: its agent waits for a key the surviving rank 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import alive, descendants, make_csv, mlflow_client, ratchet, runs_by_status, tiny_params, write_params
+from conftest import PATIENCE, alive, descendants, make_csv, mlflow_client, ratchet, runs_by_status, tiny_params, write_params
 
 from ratchet.train.checkpoint import load_checkpoint
 
@@ -48,7 +48,7 @@ def test_killed_training_resumes_to_the_same_weights_and_run(tmp_path):
     checkpoint = killed / "checkpoints/tabular.pt"
     proc = subprocess.Popen([sys.executable, "-m", "ratchet", "train", "tabular", "--params", "params.yaml"],
                             cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + PATIENCE
     state = None
     while time.monotonic() < deadline and proc.poll() is None:
         if checkpoint.exists():
@@ -92,7 +92,7 @@ def test_a_kill_before_the_first_checkpoint_continues_its_run_and_leftovers_are_
     checkpoint = project / "checkpoints/tabular.pt"
     marker = project / "checkpoints/tabular.pt.run.json"
     proc = _start_training(project)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + PATIENCE
     while time.monotonic() < deadline and proc.poll() is None and not marker.exists():
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -186,7 +186,7 @@ def test_sigterm_to_a_ddp_training_stops_its_workers_and_marks_the_run_killed(tm
     checkpoint = project / "checkpoints/tabular.pt"
     proc = subprocess.Popen([sys.executable, "-m", "ratchet", "train", "tabular", "--params", "params.yaml"],
                             cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + PATIENCE
     while time.monotonic() < deadline and proc.poll() is None and not checkpoint.exists():
         time.sleep(0.05)
     assert checkpoint.exists(), "training did not reach its first checkpoint"
@@ -196,7 +196,7 @@ def test_sigterm_to_a_ddp_training_stops_its_workers_and_marks_the_run_killed(tm
     assert len(workers) == 2, tree
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=120)
+        proc.wait(timeout=PATIENCE)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(alive(pid) for pid in tree):
             time.sleep(0.1)

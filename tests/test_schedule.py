@@ -10,7 +10,7 @@ import sys
 
 import httpx
 import pytest
-from conftest import free_port, wait_for
+from conftest import PATIENCE, free_port, wait_for
 
 
 
@@ -30,7 +30,7 @@ def test_cron_deployment_schedules_runs_and_serves_them(dvc_project, tmp_path):
             except httpx.HTTPError:
                 return False
 
-        wait_for(healthy, 90, "the Prefect server")
+        wait_for(healthy, PATIENCE, "the Prefect server")
         served = subprocess.Popen([sys.executable, "-m", "pipelines.deploy", "--cron", "0 3 * * 1", "tabular"],
                                   cwd=dvc_project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True)
@@ -50,7 +50,7 @@ def test_cron_deployment_schedules_runs_and_serves_them(dvc_project, tmp_path):
 
         # Run one now: the served process picks it up and runs the whole flow.
         httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}).raise_for_status()
-        wait_for(lambda: runs("COMPLETED") or runs("FAILED") or runs("CRASHED"), 240, "the triggered run")
+        wait_for(lambda: runs("COMPLETED") or runs("FAILED") or runs("CRASHED"), PATIENCE, "the triggered run")
         assert runs("COMPLETED"), served.stdout
         promotion = json.loads((dvc_project / "reports/tabular/promotion.json").read_text())
         assert promotion["promoted"] and promotion["version"] == 1

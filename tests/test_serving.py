@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import (
-    make_csv, make_group_tree, make_image_tree, make_series, mlflow_client, tiny_multihead_section, tiny_params,
+    PATIENCE, make_csv, make_group_tree, make_image_tree, make_series, mlflow_client, tiny_multihead_section, tiny_params,
     write_params,
 )
 
@@ -85,7 +85,7 @@ def test_predict_scores_csv_rows_by_column_name_from_another_folder(served, tmp_
     elsewhere.mkdir()
     proc = subprocess.run([sys.executable, "-m", "ratchet", "predict", "tabular", str(tmp_path / "new.csv"),
                            "--out", str(tmp_path / "scored.csv")], cwd=elsewhere, capture_output=True, text=True,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": store(served)}, timeout=300)
+                          env={**os.environ, "MLFLOW_TRACKING_URI": store(served)}, timeout=PATIENCE)
     assert proc.returncode == 0, proc.stderr
     assert "; ignored columns (not model inputs): label, id" in proc.stdout
     scored = pd.read_csv(tmp_path / "scored.csv")
@@ -177,7 +177,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output_file(served, tmp_path):
                           ("text.csv", "text.csv: column 'f1', line 6: 'n/a?' is not a number")):
         proc = subprocess.run([sys.executable, "-m", "ratchet", "predict", "tabular", str(tmp_path / name), "--out",
                                str(tmp_path / "out" / name), "--params", str(served / "params.yaml")],
-                              cwd=served, capture_output=True, text=True, timeout=300)
+                              cwd=served, capture_output=True, text=True, timeout=PATIENCE)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
         assert not (tmp_path / "out" / name).exists() and not list((tmp_path / "out").glob(".*"))
@@ -274,7 +274,7 @@ def _free_port() -> int:
 def _post(url: str, body: str, content_type: str) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": content_type})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=PATIENCE) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -307,7 +307,7 @@ def test_mlflow_models_serve_answers_json_and_csv_with_class_names(served):
                                       start_new_session=True)
                for name, port in ports.items()}
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + PATIENCE
         for name, port in ports.items():
             while True:
                 try:
