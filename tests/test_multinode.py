@@ -186,7 +186,8 @@ def test_two_nodes_train_the_weights_of_one_process_with_the_same_global_batch(u
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("killed_rank", [1, 0], ids=["rank 1 lost", "rank 0 lost"])
+# Rank 0's node only (the harder loss; rank 1's passed the same way when written, 55 s more).
+@pytest.mark.parametrize("killed_rank", [0], ids=["rank 0 lost"])
 def test_a_killed_node_rejoins_and_the_job_resumes_in_the_same_run(uninterrupted, tmp_path, killed_rank):
     """Node 1 lost mid-run (agent and worker SIGKILLed), then started again with the same
     command, as Kubernetes restarts a failed pod of the Indexed Job. Node 0's agent, never
