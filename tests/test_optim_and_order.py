@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from ratchet.config import OptimizerConfig, TrainConfig
 from ratchet.evaluate.metrics import validation_metrics
 from ratchet.train.distributed import DistInfo
-from ratchet.train.loader import BatchLoader
+from ratchet.train.loader import BatchLoader, ShuffledSampler
 from ratchet.train.optim import build_optimizer
 from ratchet.train.trainer import Trainer
 
@@ -110,6 +111,19 @@ def test_training_order_changes_every_epoch_and_repeats_for_the_same_seed_and_ep
     assert epoch_orders(loader, [1, 0]) == [first[1], first[0]]
     assert epoch_orders(index_loader(n, ALONE), [2, 0, 1]) == [first[2], first[0], first[1]]
     assert epoch_orders(index_loader(n, ALONE, seed=4), [0]) != [first[0]]
+
+
+@pytest.mark.parametrize("n, world", [(24, 1), (23, 2), (7, 3), (2, 5)])  # (2, 5): padding longer than the data
+def test_training_order_is_torchs_distributed_sampler_order_as_one_tensor(n, world):
+    """The loader's sampler computes DistributedSampler's order with tensor ops: the same indices,
+    padding included, for every rank and epoch."""
+    for rank in range(world):
+        ours = ShuffledSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=3)
+        torchs = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=3)
+        for epoch in (0, 1, 5):
+            ours.set_epoch(epoch)
+            torchs.set_epoch(epoch)
+            assert ours.order().tolist() == list(torchs) == list(ours)
 
 
 def test_two_processes_shards_cover_every_sample_each_epoch():

@@ -11,10 +11,11 @@ batch is read from disk by a background thread while the previous one trains. Ei
 batches are the same. An optional `transform` (augmentation, normalisation) is applied to the
 batch's inputs (its first element) on the device.
 
-Training order comes from torch's `DistributedSampler` (shuffled by seed, `set_epoch` every
-epoch, padded so every process runs the same number of steps), or, for a balanced sampler,
-from weighted draws with replacement made the same way on every process. Evaluation shards without
-padding (`range(rank, n, world_size)`), so each sample is counted exactly once.
+Training order is torch's `DistributedSampler`'s (shuffled by seed, `set_epoch` every epoch,
+padded so every process runs the same number of steps), computed as one tensor rather than a
+Python list of every index, or, for a balanced sampler, weighted draws with replacement made the
+same way on every process. Evaluation shards without padding (`range(rank, n, world_size)`), so
+each sample is counted exactly once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -80,8 +82,8 @@ class BatchLoader:
         elif weights is not None:
             self.sampler = WeightedDistributedSampler(weights, dist.world_size, dist.rank, seed)
         else:
-            self.sampler = DistributedSampler(range(self.n), num_replicas=dist.world_size, rank=dist.rank,
-                                              shuffle=True, seed=seed)
+            self.sampler = ShuffledSampler(range(self.n), num_replicas=dist.world_size, rank=dist.rank,
+                                           shuffle=True, seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
         if self.sampler is not None:
@@ -92,7 +94,7 @@ class BatchLoader:
     def indices(self) -> torch.Tensor:
         """This process's sample indices for the current epoch, in batch order."""
         if self.sampler is not None:
-            idx = torch.from_numpy(np.fromiter(iter(self.sampler), np.int64, len(self.sampler)))
+            idx = self.sampler.order()
             # A last training batch of one sample breaks BatchNorm ("expected more than 1 value per
             # channel"): it is left out of this epoch (the order is new every epoch).
             return idx[:-1] if len(idx) > 1 and len(idx) % self.batch_size == 1 else idx
@@ -120,9 +122,10 @@ class BatchLoader:
 
     def _gather(self) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         idx = self.indices().to(self.dist.device)
+        take = _gatherer(self.tensors)
         for start in range(0, len(idx), self.batch_size):
             batch = idx[start : start + self.batch_size]
-            yield batch, tree_map(lambda t: t.index_select(0, batch), self.tensors)
+            yield batch, take(batch)
 
     def _stream(self) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         """Read batches from the memory-mapped arrays, one batch ahead on a background thread."""
@@ -147,6 +150,22 @@ class BatchLoader:
                 yield batch.to(device), tree_map(lambda t: t.to(device, non_blocking=pin), tensors)
 
 
+class ShuffledSampler(DistributedSampler):
+    """torch's DistributedSampler (shuffle, no drop_last), whose order is also given as one tensor.
+
+    Iterating the parent builds a Python list of every index (randperm, `tolist`, padding and
+    slicing lists, then an array from the list): on the 2,292 rows of the water-potability split
+    that was ~0.1-0.3 ms an epoch, 2-4% of a training epoch at batch 256
+    (benchmarks/bench_tabular.py). `order()` is the same sequence from tensor ops (a test checks it)."""
+
+    def order(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.dataset), generator=generator)
+        if self.total_size > len(perm) > 0:  # padded as DistributedSampler pads: the permutation again from its start
+            perm = perm.repeat(-(-self.total_size // len(perm)))[: self.total_size]
+        return perm if self.num_replicas == 1 else perm[self.rank : self.total_size : self.num_replicas]
+
+
 class WeightedDistributedSampler:
     """Each epoch, `len(weights)` draws with replacement (sample i with probability weights[i] /
     sum), from a generator seeded by (seed, epoch) and so the same on every process; the draws
@@ -167,11 +186,27 @@ class WeightedDistributedSampler:
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> torch.Tensor:
+        """This process's draws for the current epoch, as one int64 tensor."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         draws = torch.multinomial(self.weights, self.num_samples * self.world_size, replacement=True,
                                   generator=generator)
-        return iter(draws[self.rank :: self.world_size].tolist())
+        return draws[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
+
+
+def _gatherer(tree) -> Callable[[torch.Tensor], object]:
+    """`indices -> the tree with every leaf's rows gathered by them` (one `index_select` a leaf),
+    built once an epoch for the tree's shape, so that per batch no node's type is checked again."""
+    if isinstance(tree, dict):
+        parts = {key: _gatherer(value) for key, value in tree.items()}
+        return lambda idx: {key: take(idx) for key, take in parts.items()}
+    if isinstance(tree, (tuple, list)):
+        kind, parts = type(tree), [_gatherer(value) for value in tree]
+        return lambda idx: kind([take(idx) for take in parts])
+    return partial(tree.index_select, 0)
 
 
 def _tensor(array):

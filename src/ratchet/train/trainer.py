@@ -90,21 +90,19 @@ class Trainer:
         for name in self.cfg.freeze:  # frozen layers keep their BatchNorm statistics too
             self.module.get_submodule(name).eval()
         self.train_loader.set_epoch(epoch)
-        # A batch bar only once an epoch has run for a while: short epochs stay one log line each.
-        batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
-                       disable=not self.dist.is_main, delay=2 if sys.stderr.isatty() else 30,
-                       mininterval=0.1 if sys.stderr.isatty() else 30)
-        losses: list[torch.Tensor] = []  # per batch [total, *parts], kept on the device: no host sync per step
-        names: list[str] = []
+        batches = _with_progress(self.train_loader, f"epoch {epoch + 1}", show=self.dist.is_main)
+        losses: list[tuple[torch.Tensor, ...]] = []  # per batch (total, *parts), on the device: no host sync per step
+        parts: dict[str, torch.Tensor] = {}
         sizes: list[int] = []
         for inputs, targets in batches:
             loss, parts = self._run_batch(inputs, targets)
-            names = list(parts)
-            losses.append(torch.stack([loss, *parts.values()]).float())
+            losses.append((loss, *parts.values()))
             sizes.append(batch_size(targets))
+        names = list(parts)
+        # Stacked once per epoch, a column per loss: no tensor op per step beyond the step's own.
+        per_batch = torch.stack([torch.stack(column) for column in zip(*losses)], dim=1).float()  # batches x losses
         weights = torch.tensor(sizes, device=self.dist.device, dtype=torch.float32)
-        sums = (torch.stack(losses) * weights[:, None]).sum(dim=0)
-        total = all_reduce_sum(torch.cat([sums, weights.sum().view(1)]))
+        total = all_reduce_sum(torch.cat([weights @ per_batch, weights.sum(0, keepdim=True)]))
         means = (total[:-1] / total[-1]).tolist()
         loss = means[0]
         if not math.isfinite(loss):
@@ -196,6 +194,28 @@ class Trainer:
         best = self.history[self.stopper.best_epoch - 1]
         return {"best_epoch": self.stopper.best_epoch, "epochs": self.epochs_done,
                 **{k: v for k, v in best.items() if k.startswith("val_")}}
+
+
+def _with_progress(loader: BatchLoader, desc: str, show: bool):
+    """The loader's batches, with a tqdm bar only once the epoch has run for a while (2 s on a
+    terminal, 30 s in a log): short epochs stay one log line each. The bar is made only then,
+    not every epoch with a delay: making one cost ~3% of a 5 ms epoch (benchmarks/bench_tabular.py)."""
+    if not show:
+        yield from loader
+        return
+    tty = sys.stderr.isatty()
+    delay, started, bar = (2 if tty else 30), time.monotonic(), None
+    try:
+        for done, batch in enumerate(loader, 1):
+            yield batch
+            if bar is not None:
+                bar.update()
+            elif time.monotonic() - started >= delay:
+                bar = tqdm(total=len(loader), initial=done, desc=desc, leave=False, unit="batch",
+                           mininterval=0.1 if tty else 30)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _epoch_line(record: dict, epochs: int) -> str:
