@@ -11,13 +11,21 @@
    which commutes with max-pooling, and runs channels-last).
    Rounds alternate between the two; medians are reported. The one-off prepare (decode) time is
    reported beside it.
-2. The same training step on one fixed batch already on the device (`--device cuda` on a GPU):
-   an upper bound for the pipeline, and the ratio of the pipeline's images/s to it.
+2. No framework tax: the trainer's epochs against a hand-optimised raw loop over the same uint8
+   arrays resident on the device (common.raw_epochs: one `index_select` per batch, the same
+   augmentation written out in plain torch, the same network, channels-last, fused Adam); goal
+   >= 0.97. Rounds alternate between all three sides.
+3. The same training step on one fixed batch already on the device (`--device cuda` on a GPU):
+   an upper bound for the pipeline, and the ratio of the pipeline's images/s to it (goal on a GPU
+   >= 0.8), with the raw loop's and the course loop's ratios beside it.
+The last line is a JSON object of the ratios (benchmarks/gpu.sh collects it on a GPU machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import math
 import statistics
 import tempfile
 import time
@@ -25,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as nnf
 import yaml
+from common import alternate, print_json, raw_epochs, raw_optimizer, set_threads
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
@@ -112,6 +122,7 @@ def ratchet_trainer(prepared, batch_size: int, dist: DistInfo) -> Trainer:
 
 def ratchet_epochs(trainer: Trainer, epochs: int) -> list[float]:
     times = []
+    gc.collect()  # as the raw loop does
     for epoch in range(epochs):
         started = time.perf_counter()
         trainer._run_epoch(epoch)  # a training epoch, no validation: like for like with the course loop
@@ -119,6 +130,48 @@ def ratchet_epochs(trainer: Trainer, epochs: int) -> list[float]:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return times
+
+
+def raw_augment(mean: list[float], std: list[float], device: torch.device):
+    """The course's augmentation on a uint8 batch, written out in plain torch for these square
+    images: [0, 1] floats, a flip with p 0.5, a rotation in [-45, 45] degrees (bilinear, zeros
+    fill), autocontrast with p 0.5, then normalisation, channels-last."""
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
+
+    def augment(x8: torch.Tensor) -> torch.Tensor:
+        n = len(x8)
+        x = x8.float().div_(255)
+        x = torch.where(torch.rand(n, 1, 1, 1, device=device) < AUGMENT.hflip, x.flip(-1), x)
+        angle = (torch.rand(n, device=device) * 2 - 1) * math.radians(AUGMENT.rotation)
+        cos, sin, zero = angle.cos(), angle.sin(), torch.zeros(n, device=device)
+        theta = torch.stack([cos, sin, zero, -sin, cos, zero], dim=1).view(n, 2, 3)  # the inverse rotation
+        x = nnf.grid_sample(x, nnf.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+        low, high = x.amin(dim=(-2, -1), keepdim=True), x.amax(dim=(-2, -1), keepdim=True)
+        flat = high == low
+        stretched = ((x - torch.where(flat, 0.0, low)) / torch.where(flat, 1.0, high - low)).clamp_(0, 1)
+        x = torch.where(torch.rand(n, 1, 1, 1, device=device) < AUGMENT.autocontrast, stretched, x)
+        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    return augment
+
+
+class RawLoop:
+    """The raw side: its own copy of the network and optimizer, the training arrays on the device."""
+
+    def __init__(self, prepared, batch_size: int, device: torch.device):
+        meta = prepared.meta
+        torch.manual_seed(0)
+        self.net = CNN(meta.input_shape, len(meta.classes), MODEL).to(device, memory_format=torch.channels_last)
+        self.optimizer = raw_optimizer(self.net)
+        x, y = prepared.split("train")
+        self.x = torch.from_numpy(np.concatenate([x, prepared.array("val_x")])).to(device)  # uint8
+        self.y = torch.from_numpy(np.concatenate([y, prepared.array("val_y")])).to(device)
+        self.augment = raw_augment(meta.mean, meta.std, device)
+        self.batch_size = batch_size
+
+    def epochs(self, epochs: int) -> list[float]:
+        return raw_epochs(self.net, self.optimizer, nn.CrossEntropyLoss(), self.x, self.y, self.batch_size, epochs,
+                          augment=self.augment)
 
 
 def prepare_clouds(root: Path, work: Path) -> tuple[object, float]:
@@ -157,7 +210,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads, all sides alike (0: torch's)")
     args = parser.parse_args()
+    set_threads(args.threads)
     device = torch.device(args.device)
     dist = DistInfo(0, 0, 1, device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}"
@@ -169,25 +224,32 @@ def main() -> None:
         print(f"prepare (decode {n + prepared.meta.rows['test']} images once, resize to {SIZE}x{SIZE}): "
               f"{prepare_seconds:.2f} s")
         trainer = ratchet_trainer(prepared, args.batch_size, dist)
+        raw = RawLoop(prepared, args.batch_size, device)
         course_loop(args.root, args.batch_size, 1, device)  # warm-up: file cache, kernels
         ratchet_epochs(trainer, 1)
-        course, ours = [], []
-        for r in range(args.rounds):
-            course += course_loop(args.root, args.batch_size, args.epochs, device)
-            ours += ratchet_epochs(trainer, args.epochs)
-            print(f"round {r + 1}: course {statistics.median(course):.3f} s/epoch, "
-                  f"ratchet {statistics.median(ours):.3f} s/epoch")
-        c, o = statistics.median(course), statistics.median(ours)
+        raw.epochs(1)
+        rounds = alternate({"course": lambda: course_loop(args.root, args.batch_size, args.epochs, device),
+                            "ratchet": lambda: ratchet_epochs(trainer, args.epochs),
+                            "raw": lambda: raw.epochs(args.epochs)}, args.rounds, warmup=False)
+        c, o, w = (statistics.median(t for r in rounds[side] for t in r) for side in ("course", "ratchet", "raw"))
+        paired = statistics.median(statistics.median(a) / statistics.median(b)
+                                   for a, b in zip(rounds["raw"], rounds["ratchet"]))
         total = len(datasets.ImageFolder(str(args.root)))
-        print(f"\nclouds train tree, batch {args.batch_size}, course CNN at {SIZE}x{SIZE}, "
-              f"augmentation flip+rotate(45)+autocontrast")
+        print(f"\nclouds train tree, batch {args.batch_size}, course CNN at {SIZE}x{SIZE}, augmentation "
+              f"flip+rotate(45)+autocontrast; median of {args.rounds} alternating rounds x {args.epochs} epochs")
         print(f"{'':<26}{'images':>8}{'s/epoch':>10}{'images/s':>12}")
         print(f"{'course loop (ImageFolder)':<26}{total:>8}{c:>10.3f}{total / c:>12.0f}")
         print(f"{'ratchet trainer':<26}{n:>8}{o:>10.3f}{n / o:>12.0f}")
+        print(f"{'raw loop (uint8 arrays)':<26}{n:>8}{w:>10.3f}{n / w:>12.0f}")
         print(f"ratio (images/s, ratchet / course): {(n / o) / (total / c):.2f}x")
+        print(f"ratio (images/s, ratchet / raw loop): {w / o:.3f} (median of per-round ratios {paired:.3f})")
         ceiling = step_ceiling(trainer, args.batch_size, 200 if device.type == "cuda" else 60)
         print(f"training step alone on a fixed {device.type}-resident batch: {ceiling:.0f} images/s; "
-              f"pipeline / step-alone: {n / o / ceiling:.2f}")
+              f"pipeline / step-alone: {n / o / ceiling:.2f}, raw loop / step-alone: {n / w / ceiling:.2f}, "
+              f"course loop / step-alone: {total / c / ceiling:.2f}")
+    print_json({"device": device.type, "batch": args.batch_size, "trainer_vs_raw": w / o,
+                "trainer_vs_raw_paired": paired, "trainer_vs_course": (n / o) / (total / c), "pipeline_vs_step": n / o / ceiling,
+                "raw_vs_step": n / w / ceiling, "course_vs_step": total / c / ceiling})
 
 
 if __name__ == "__main__":
