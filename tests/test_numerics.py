@@ -18,7 +18,12 @@ import torch
 
 from conftest import make_image_tree, ratchet, tiny_image_section, write_params
 
-AVX2_CPU = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"}
+# What another machine changes beyond the caps portable sets: oneDNN there picks other kernels
+# within the same ISA (its blocking follows the CPU's caches), simulated by oneDNN's own cap
+# set after pin() (oneDNN reads it when it makes its first kernel).
+OTHER_KERNELS = {"PIN_THEN": '{"ONEDNN_MAX_CPU_ISA": "SSE41"}'}
+AVX2_CPU = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1",
+            **OTHER_KERNELS}
 CAPS = (*AVX2_CPU, "MKL_NUM_THREADS")
 
 
@@ -31,10 +36,11 @@ def machine(caps: dict) -> dict:
 # 20 steps of a LeNet-like CNN (oneDNN convolutions), an LSTM and a linear head (MKL GEMMs) with
 # BatchNorm and Adam (ATen reductions): every kernel family the model families use.
 TRAIN = """
-import hashlib, sys
+import hashlib, json, os, sys
 from ratchet.config import NumericsConfig
 from ratchet.numerics import pin
 pin(NumericsConfig(mode=sys.argv[1]))
+os.environ.update(json.loads(os.environ.get("PIN_THEN", "{}")))
 import torch
 from torch import nn
 torch.manual_seed(0)
