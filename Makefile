@@ -19,8 +19,11 @@ setup: $(VENV)/.installed
 # pyproject.toml asks for something constraints.txt lacks: run `make lock`.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r constraints.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-compile -r constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-compile -e .
+	@# Bytecode on every core (pip compiles one file at a time); like pip, skip the few files of
+	@# other Python versions that some packages ship, which do not compile.
+	@$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	@$(PY) -m pip check || { echo "constraints.txt lacks what pyproject.toml needs: run make lock"; exit 1; }
 	@touch $@
 
