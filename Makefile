@@ -61,7 +61,7 @@ run: setup
 ## process start-up, DVC and Prefect: two workers finish in about two thirds of the time);
 ## files with the most slow tests start first (tests/conftest.py orders them, xdist keeps it)
 test: setup chromium
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 ## test-team: the tests that start the team stack (tests/test_team.py; CI runs them after make test)
 test-team: setup postgres
