@@ -20,7 +20,8 @@ from conftest import make_image_tree, ratchet, tiny_image_section, write_params
 
 # What another machine changes beyond the caps portable sets: oneDNN there picks other kernels
 # within the same ISA (its blocking follows the CPU's caches), simulated by oneDNN's own cap
-# set after pin() (oneDNN reads it when it makes its first kernel).
+# set after pin() (oneDNN reads it when it makes its first kernel). Only the probe script below
+# reads PIN_THEN; the end-to-end test's stages ignore it.
 OTHER_KERNELS = {"PIN_THEN": '{"ONEDNN_MAX_CPU_ISA": "SSE41"}'}
 AVX2_CPU = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1",
             **OTHER_KERNELS}
@@ -33,7 +34,7 @@ def machine(caps: dict) -> dict:
     return {**env, **caps}
 
 
-# 20 steps of a LeNet-like CNN (oneDNN convolutions), an LSTM and a linear head (MKL GEMMs) with
+# 20 steps of a LeNet-like CNN (oneDNN convolutions under fast), an LSTM and a linear head (MKL GEMMs) with
 # BatchNorm and Adam (ATen reductions): every kernel family the model families use.
 TRAIN = """
 import hashlib, json, os, sys
