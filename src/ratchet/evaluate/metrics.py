@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics import ConfusionMatrix, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+from ratchet.lazy_imports import defer_torchmetrics
+
+defer_torchmetrics()  # before torchmetrics' first import: only the metrics used are loaded
+from torchmetrics.classification import ConfusionMatrix, MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
+from torchmetrics.collections import MetricCollection
 
 AVERAGES = ("micro", "macro", "weighted")
 

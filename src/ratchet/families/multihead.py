@@ -94,7 +94,10 @@ class MultiheadFamily(ImageFamily):
     def objective(self, cfg: MultiheadPipeline, meta: MultiheadMeta, device):
         import torch
         from torch import nn
-        from torchmetrics import MultitaskWrapper
+        from ratchet.lazy_imports import defer_torchmetrics
+
+        defer_torchmetrics()
+        from torchmetrics.wrappers import MultitaskWrapper
 
         from ratchet.evaluate.metrics import validation_metrics
 

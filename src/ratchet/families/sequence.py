@@ -74,7 +74,11 @@ class SequenceFamily(Family):
 
     def objective(self, cfg, meta, device):
         from torch import nn
-        from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
+        from ratchet.lazy_imports import defer_torchmetrics
+
+        defer_torchmetrics()
+        from torchmetrics.collections import MetricCollection
+        from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
         metrics = MetricCollection({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False)})
         return nn.MSELoss(), metrics.to(device)
@@ -240,7 +244,11 @@ class SequenceFamily(Family):
     def score(self, cfg, model, meta, x, y, metric: str) -> float:
         """Errors summed in float64, as the evaluate stage does."""
         import torch
-        from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
+        from ratchet.lazy_imports import defer_torchmetrics
+
+        defer_torchmetrics()
+        from torchmetrics.collections import MetricCollection
+        from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
 
         from ratchet.train.batch import chunks
 

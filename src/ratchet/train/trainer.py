@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import MetricCollection
+from ratchet.lazy_imports import defer_torchmetrics
+
+defer_torchmetrics()  # before torchmetrics' first import: only the metrics used are loaded
+from torchmetrics.collections import MetricCollection
 from tqdm.auto import tqdm
 
 from ratchet.config import TrainConfig, monitor_mode
