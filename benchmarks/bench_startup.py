@@ -47,13 +47,23 @@ def run(args: list[str], cwd: Path, src: Path | None, params: str) -> tuple[floa
 
 
 def import_seconds(log: str) -> dict[str, float]:
-    """Total import time (sum of the top-level imports' cumulative times) and each package's."""
+    """Total import time (sum of the top-level imports' cumulative times) and each package's:
+    the cumulative times of its modules (`torchmetrics`, `torchmetrics.classification`, ...)
+    imported from outside the package, so what they import counts and nothing twice."""
     total, packages = 0, {}
-    for self_us, cumulative, indent, name in LINE.findall(log):
-        if len(indent) == 1:  # a top-level import: its cumulative time holds everything below it
+    stack: list[tuple[int, str]] = []  # the ancestors of a line: the log is post-order, so read it reversed
+    for self_us, cumulative, indent, name in reversed(LINE.findall(log)):
+        depth = len(indent)
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        if depth == 1:  # a top-level import: its cumulative time holds everything below it
             total += int(cumulative)
-        if name in PACKAGES:
-            packages[name] = max(packages.get(name, 0), int(cumulative))
+        for package in PACKAGES:
+            inside = name == package or name.startswith(package + ".")
+            parent = stack[-1][1] if stack else ""
+            if inside and not (parent == package or parent.startswith(package + ".")):
+                packages[package] = packages.get(package, 0) + int(cumulative)
+        stack.append((depth, name))
     return {"imports": total / 1e6, **{k: v / 1e6 for k, v in packages.items()}}
 
 
