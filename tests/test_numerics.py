@@ -20,12 +20,25 @@ from conftest import make_image_tree, ratchet, tiny_image_section, write_params
 
 # What another machine changes beyond the caps portable sets: oneDNN there picks other kernels
 # within the same ISA (its blocking follows the CPU's caches), simulated by oneDNN's own cap
-# set after pin() (oneDNN reads it when it makes its first kernel). Only the probe script below
-# reads PIN_THEN; the end-to-end test's stages ignore it.
-OTHER_KERNELS = {"PIN_THEN": '{"ONEDNN_MAX_CPU_ISA": "SSE41"}'}
+# set after pin() (oneDNN reads it when it makes its first kernel); and the simulated machine is
+# not an Intel CPU, where MKL honours no branch but AUTO and COMPATIBLE (MKL_CBWR=AVX2 runs its
+# AUTO branch there, as it did on an AMD EPYC). Only the probe script below reads PIN_THEN and
+# NOT_INTEL; the end-to-end test's stages ignore them.
+OTHER_KERNELS = {"PIN_THEN": '{"ONEDNN_MAX_CPU_ISA": "SSE41"}', "NOT_INTEL": "1"}
 AVX2_CPU = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1",
             **OTHER_KERNELS}
 CAPS = (*AVX2_CPU, "MKL_NUM_THREADS")
+# mkl_cbwr_get(MKL_CBWR_BRANCH)'s answers (MKL's named constants): AUTO 2, COMPATIBLE 3, AVX2 10.
+MKL_BRANCH = """
+import ctypes, os, sys
+from ratchet.config import NumericsConfig
+from ratchet.numerics import pin
+pin(NumericsConfig(mode="portable"))
+import torch
+torch.ones(8, 8) @ torch.ones(8, 8)  # MKL reads MKL_CBWR at its first call
+mkl = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+print(mkl.mkl_serv_cbwr_get(1))
+"""
 
 
 def machine(caps: dict) -> dict:
@@ -42,6 +55,8 @@ from ratchet.config import NumericsConfig
 from ratchet.numerics import pin
 pin(NumericsConfig(mode=sys.argv[1]))
 os.environ.update(json.loads(os.environ.get("PIN_THEN", "{}")))
+if os.environ.get("NOT_INTEL") and not os.environ.get("MKL_CBWR", "AUTO").startswith(("AUTO", "COMPATIBLE")):
+    os.environ["MKL_CBWR"] = "AUTO," + os.environ["MKL_CBWR"].partition(",")[2]  # MKL reads it at its first call
 import torch
 from torch import nn
 torch.manual_seed(0)
@@ -75,6 +90,16 @@ def machines_differ() -> bool:
 
 def test_portable_trains_the_same_weights_on_both_machines():
     assert weights_hash("portable", {}) == weights_hash("portable", AVX2_CPU)
+
+
+def test_portable_runs_mkl_on_the_branch_every_vendor_runs_alike():
+    """MKL's AVX2 branch holds on Intel CPUs only (on an AMD EPYC it ran AUTO and the demo trained
+    other weights): portable asks for COMPATIBLE, which MKL runs the same on Intel and AMD."""
+    if "BLAS_INFO=mkl" not in torch.__config__.show():
+        pytest.skip("this torch does not use MKL")
+    done = subprocess.run([sys.executable, "-c", MKL_BRANCH], env=machine({}), capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "3"  # MKL_CBWR_COMPATIBLE
 
 
 @pytest.mark.skipif(not machines_differ(), reason="this host is an AVX2 one-core machine: nothing to tell apart")

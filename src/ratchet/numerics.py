@@ -1,17 +1,22 @@
 """Pin the numeric kernels before torch starts, so that results do not depend on the machine.
 
 On the CPU, torch's results depend on which kernels run, and three libraries pick them by the
-CPU they find: oneDNN (convolutions, some matmuls), MKL (BLAS: linear layers, LSTM gates) and
-ATen's own vectorised loops (elementwise ops, reductions). An AVX-512 machine and an AVX2 one
-sum in different orders, so the same seed trains different weights after a few steps; so do
-2 and 4 intra-op threads (reductions are split per thread). `numerics.mode: portable` caps MKL
-and ATen at AVX2, fixes the thread count and keeps oneDNN out (`torch.backends.mkldnn`
-off: convolutions and LSTMs then run as ATen loops over MKL GEMMs): capped at AVX2, oneDNN still
-chose other kernels on two AVX-512 machines of the same kind (its blocking follows the CPU's
-caches), so the demo CNN reached 0.9851 test accuracy on one and 0.9814 on the other. Any x86-64
-machine with AVX2 or better (Intel or AMD, Haswell/Zen onwards) then computes bitwise the same
-weights and metrics from the same params; `fast` leaves torch's defaults (this CPU's widest
-kernels, oneDNN, all its cores).
+CPU they find: oneDNN (convolutions, some matmuls), MKL (BLAS: linear layers, LSTM gates,
+convolutions without oneDNN) and ATen's own vectorised loops (elementwise ops, reductions). An
+AVX-512 machine and an AVX2 one sum in different orders, so the same seed trains different
+weights after a few steps; so do 2 and 4 intra-op threads (reductions are split per thread).
+`numerics.mode: portable` caps ATen at AVX2, fixes the thread count, keeps oneDNN out
+(`torch.backends.mkldnn` off: convolutions and LSTMs then run as ATen loops over MKL GEMMs) and
+runs MKL on its COMPATIBLE branch (SSE2 without the approximate rcpps/rsqrtps), the one branch
+MKL runs alike on Intel and non-Intel CPUs. Each of these was found the hard way: capped at
+AVX2, oneDNN still chose other kernels on two AVX-512 machines of the same kind (its blocking
+follows the CPU's caches: demo CNN test accuracy 0.9851 on one, 0.9814 on the other), and
+MKL's AVX2 branch (`MKL_CBWR=AVX2`) is Intel-only: on an AMD EPYC MKL ignores it and takes its
+AUTO branch (`mkl_serv_cbwr_get` says 2, not 10), so the demo CNN, LSTM and Omniglot nets
+trained other weights there than on the Intel machines that made the committed results. Any
+x86-64 machine with AVX2 or better (Intel or AMD, Haswell/Zen onwards) then computes bitwise
+the same weights and metrics from the same params; `fast` leaves torch's defaults (this CPU's
+widest kernels, oneDNN, all its cores).
 
 The caps are environment variables each library reads once, when it initialises: `pin()` must
 run before torch is imported. `ratchet` calls it after reading params.yaml and before it
@@ -29,10 +34,13 @@ import platform
 from ratchet.config import NumericsConfig
 
 # What each library reads at start-up. AVX2 is the widest set every x86-64 machine of the last
-# ten years has; MKL's STRICT also makes its results independent of memory alignment.
+# ten years has. MKL's branches other than AUTO and COMPATIBLE are for Intel CPUs only (MKL's
+# developer guide; elsewhere it falls back to AUTO, this CPU's own); STRICT also makes its
+# results independent of memory alignment.
+MKL_BRANCH = "COMPATIBLE"
 X86_CAPS = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_CBWR": "AVX2,STRICT",
+    "MKL_CBWR": f"{MKL_BRANCH},STRICT",
     "ATEN_CPU_CAPABILITY": "avx2",
 }
 CUBLAS = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # deterministic cuBLAS (torch's docs on reproducibility)
