@@ -16,10 +16,16 @@ setup: $(VENV)/.installed
 
 # The tested set exactly as constraints.txt pins it, without re-resolving it (pip's resolver
 # over ~200 pins was most of setup's time); `pip check` then fails, naming the package, when
-# pyproject.toml asks for something constraints.txt lacks: run `make lock`.
+# pyproject.toml asks for something constraints.txt lacks: run `make lock`. uv installs the pins
+# (downloads and unpacks in parallel: ~30 s for the 4 GB of torch's CUDA build and the rest,
+# where pip took ~2.5 min one wheel at a time); where uv cannot (no uv wheel for this machine,
+# or an index that only pip's own configuration names), pip installs the same pins.
+UV_VERSION := 0.13.9
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-compile -r constraints.txt
+	{ $(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION) && \
+	  $(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -r constraints.txt; } || \
+	  $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-compile -r constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-compile -e .
 	@# Bytecode on every core (pip compiles one file at a time); like pip, skip the few files of
 	@# other Python versions that some packages ship, which do not compile.
