@@ -143,12 +143,15 @@ def against_raw(prepared_dir: Path, batch_sizes: list[int], epochs: int, rounds:
     assert build_optimizer(train_config(256, 1).optimizer, net).defaults == raw_optimizer(net).defaults
     rows = []
     for batch in batch_sizes:
+        # The raw loop twice: how far two runs of the same code drift apart on this machine is the
+        # resolution of the Trainer's ratio (identical sides differed by 3-10% in 41 rounds).
         times = alternate({"raw": lambda: raw_loop(x, y, batch, epochs),
-                           "trainer": lambda: ratchet_trainer(x, y, vx, vy, batch, epochs, validate=False)}, rounds)
+                           "trainer": lambda: ratchet_trainer(x, y, vx, vy, batch, epochs, validate=False),
+                           "raw_again": lambda: raw_loop(x, y, batch, epochs)}, rounds)
         samples = len(x) * epochs
-        r, t = median(times["raw"]), median(times["trainer"])
+        r, t, a = median(times["raw"]), median(times["trainer"]), median(times["raw_again"])
         rows.append({"batch": batch, "raw": samples / r, "trainer": samples / t, "ratio": r / t,
-                     "paired": paired_ratio(times["raw"], times["trainer"])})
+                     "paired": paired_ratio(times["raw"], times["trainer"]), "control": r / a})
     return rows
 
 
@@ -210,16 +213,18 @@ def main() -> None:
                   f"{r['loop']:>12,.0f} {r['loop_ratio']:>5.2f}x")
         print(f"\nno framework tax: Trainer epochs vs the hand-optimised raw loop, {args.raw_epochs} epochs a round, "
               f"median of {args.raw_rounds} alternating rounds")
-        print(f"{'batch':>6} {'raw loop':>11} {'Trainer epochs':>15} {'ratio':>6} {'paired':>7}   (samples/s)")
+        print(f"{'batch':>6} {'raw loop':>11} {'Trainer epochs':>15} {'ratio':>6} {'paired':>7} "
+              f"{'raw/raw again':>14}   (samples/s)")
         raw = against_raw(Path(tmp) / "prepared", args.batch_sizes, args.raw_epochs, args.raw_rounds)
         for r in raw:
-            print(f"{r['batch']:>6} {r['raw']:>11,.0f} {r['trainer']:>15,.0f} {r['ratio']:>6.3f} {r['paired']:>7.3f}")
+            print(f"{r['batch']:>6} {r['raw']:>11,.0f} {r['trainer']:>15,.0f} {r['ratio']:>6.3f} {r['paired']:>7.3f} "
+                  f"{r['control']:>14.3f}")
     if not args.no_overhead:
         print_overhead(args.csv, args.epochs)
     main_batch = 256 if 256 in args.batch_sizes else max(args.batch_sizes)
     at = {r["batch"]: r for r in raw}
     print_json({"batch": main_batch, "trainer_vs_raw": at[main_batch]["ratio"],
-                "trainer_vs_raw_paired": at[main_batch]["paired"],
+                "trainer_vs_raw_paired": at[main_batch]["paired"], "raw_vs_raw_again": at[main_batch]["control"],
                 "fit_vs_course": {r["batch"]: round(r["fit_ratio"], 4) for r in course},
                 "epochs_vs_course": {r["batch"]: round(r["loop_ratio"], 4) for r in course},
                 "trainer_vs_raw_by_batch": {r["batch"]: round(r["ratio"], 4) for r in raw}})
