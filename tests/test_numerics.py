@@ -56,7 +56,8 @@ from ratchet.numerics import pin
 pin(NumericsConfig(mode=sys.argv[1]))
 os.environ.update(json.loads(os.environ.get("PIN_THEN", "{}")))
 if os.environ.get("NOT_INTEL") and not os.environ.get("MKL_CBWR", "AUTO").startswith(("AUTO", "COMPATIBLE")):
-    os.environ["MKL_CBWR"] = "AUTO," + os.environ["MKL_CBWR"].partition(",")[2]  # MKL reads it at its first call
+    options = os.environ["MKL_CBWR"].partition(",")[2]  # STRICT, if asked for, still holds there
+    os.environ["MKL_CBWR"] = f"AUTO,{options}" if options else "AUTO"  # MKL reads it at its first call
 import torch
 from torch import nn
 torch.manual_seed(0)
