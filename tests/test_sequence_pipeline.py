@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import load_prepared, make_series, mlflow_client, ratchet, tiny_params, write_params
+from conftest import REPO, dvc, load_prepared, make_series, mlflow_client, ratchet, tiny_params, write_params
 
 from ratchet.families.sequence import series_windows
 
@@ -88,6 +88,44 @@ def test_run_logs_test_errors_forecast_plot_and_curves(trained):
             "evaluation/predictions.csv"} <= artifacts
     history = pd.read_csv(trained / "models/sequence/history.csv")
     assert list(history["epoch"]) == list(range(1, 9)) and {"val_mae", "val_rmse"} <= set(history.columns)
+
+
+def test_dvc_plots_draw_the_forecast_over_time_and_the_learning_curves(trained, tmp_path):
+    """`dvc plots show` over the stage's outputs draws every plot with data. The forecast's x is a
+    timestamp: DVC's own templates type it as a number (no valid value, an empty plot), the
+    `forecast` template as time. A plots folder's marker file is no plot."""
+    project = tmp_path / "project"
+    shutil.copytree(trained / "reports", project / "reports")
+    shutil.copy(trained / "params.yaml", project / "params.yaml")
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.copy(REPO / ".dvcignore", project / ".dvcignore")
+    dvc(project, "init", "-q", "--no-scm")
+    shutil.copytree(REPO / ".dvc/plots", project / ".dvc/plots")  # dvc.yaml's plot templates
+    shown = json.loads(dvc(project, "plots", "show", "--json", "-o", str(tmp_path / "html")).stdout)
+    assert not [e for e in shown.get("errors", []) if "sequence" in str(e)], shown["errors"]
+
+    [forecast] = shown["data"]["forecast@sequence"]
+    spec = forecast["content"]
+    assert spec["transform"] == [{"calculate": "toDate(replace(datum['timestamp'], ' ', 'T'))", "as": "time"}]
+    assert spec["encoding"]["x"] == {"field": "time", "type": "temporal", "title": "timestamp"}
+    with open(project / "reports/sequence/evaluation/forecast.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    rows = spec["data"]["values"]
+    series = ("actual", "predicted", "naive", "seasonal_naive")
+    assert len(rows) == len(written) * len(series) == 48 * 4  # evaluate.plot_steps, every series
+    assert {row["field"] for row in rows} == set(series)
+    stamps = pd.to_datetime(pd.Series([row["timestamp"].replace(" ", "T") for row in rows]), format="ISO8601")
+    assert stamps.notna().all()
+    first = stamps[[row["field"] == "actual" for row in rows]].reset_index(drop=True)
+    assert (first.diff().dropna() == pd.Timedelta(hours=1)).all()  # the test part's hourly steps
+    assert first[0] == pd.Timestamp(written[0]["timestamp"])
+    assert all(float(row["dvc_inferred_y_value"]) == float(row[row["field"]]) for row in rows)
+
+    plots = [name for name in shown["data"] if name.startswith("reports/sequence/plots/")]
+    assert sorted(plots) == [f"reports/sequence/plots/{n}" for n in ("curves.png", "forecast.png", "history.csv")]
+    [history] = shown["data"]["reports/sequence/plots/history.csv"]
+    assert history["content"]["encoding"]["x"]["field"] == "epoch"
+    assert [int(row["epoch"]) for row in history["content"]["data"]["values"]] == list(range(1, 9))
 
 
 def test_registered_model_takes_raw_windows_and_matches_evaluation(trained):
