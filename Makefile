@@ -28,8 +28,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	  $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-compile -r constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-compile -e .
 	@# Bytecode on every core (pip compiles one file at a time); like pip, skip the few files of
-	@# other Python versions that some packages ship, which do not compile.
-	@$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
+	@# other Python versions that some packages ship, which do not compile. The project's own
+	@# src/ and pipelines/ too: every stage process imports them, and where PYTHONDONTWRITEBYTECODE
+	@# is set (CI images often set it) each one compiled them again (.dvcignore and .gitignore
+	@# leave __pycache__ out of stage hashes and git; an edited file is recompiled as usual).
+	@$(PY) -m compileall -q -j 0 $(VENV)/lib src pipelines > /dev/null || true
 	@$(PY) -m pip check || { echo "constraints.txt lacks what pyproject.toml needs: run make lock"; exit 1; }
 	@touch $@
 
