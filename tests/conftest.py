@@ -280,21 +280,52 @@ def git(project: Path, *args: str) -> None:
                    check=True, capture_output=True)
 
 
+def empty_mlflow_db() -> Path:
+    """An empty SQLite tracking store as MLflow creates it, made once per machine and MLflow
+    version (under the system's temp dir; a lock lets the two workers share it). Creating one runs
+    MLflow's ~60 schema migrations, ~2-5 s on 2 cores, which most tests paid once each; the
+    fixtures below copy this one instead. Tests of a store ratchet creates itself still run
+    MLflow's creation (test_flow's second store, test_schedule, test_team, `make run`)."""
+    import fcntl
+    import importlib.metadata
+
+    version = importlib.metadata.version("mlflow")
+    folder = Path(tempfile.gettempdir()) / f"ratchet-test-mlflow-{version}-{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    db = folder / "mlflow.db"
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not db.exists():
+            partial = folder / "creating.db"
+            partial.unlink(missing_ok=True)
+            subprocess.run([sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()",
+                            f"sqlite:///{partial}"], cwd=folder, check=True, capture_output=True, timeout=PATIENCE)
+            partial.rename(db)
+    return db
+
+
+def with_empty_mlflow_db(root: Path) -> Path:
+    shutil.copy(empty_mlflow_db(), root / "mlflow.db")
+    return root
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A plain directory with a tiny CSV, image tree, series and params.yaml (no git, no DVC)."""
+    """A plain directory with a tiny CSV, image tree, series and params.yaml (no git, no DVC),
+    and an empty tracking store."""
     make_csv(tmp_path / "data/raw/table.csv")
     make_image_tree(tmp_path / "data/raw/images")
     make_series(tmp_path / "data/raw/series.csv")
     make_group_tree(tmp_path / "data/raw/groups")
     write_params(tmp_path, tiny_params())
-    return tmp_path
+    return with_empty_mlflow_db(tmp_path)
 
 
 @pytest.fixture
 def dvc_project(tmp_path: Path) -> Path:
-    """A git + DVC project: the repo's dvc.yaml and source tree (DVC hashes it as stage deps)."""
-    return make_dvc_project(tmp_path, tiny_params())
+    """A git + DVC project: the repo's dvc.yaml and source tree (DVC hashes it as stage deps), and
+    an empty tracking store (git-ignored, as in the repo)."""
+    return with_empty_mlflow_db(make_dvc_project(tmp_path, tiny_params()))
 
 
 def make_dvc_project(root: Path, params: dict) -> Path:
