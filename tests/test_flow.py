@@ -156,7 +156,6 @@ def test_a_stages_own_error_fails_the_flow_after_one_attempt(dvc_project):
                                 tags={"ratchet.input": "features: height, weight"})
     client.set_registered_model_alias("tabular", "champion", "1")
 
-    started = time.monotonic()
     flow = subprocess.run([sys.executable, "-m", "pipelines.retrain", "tabular", "--train-retries", "2"],
                           cwd=dvc_project, capture_output=True, text=True, timeout=PATIENCE)
     out = flow.stdout + flow.stderr
@@ -167,4 +166,3 @@ def test_a_stages_own_error_fails_the_flow_after_one_attempt(dvc_project):
             "data has features: f0, f1, f2, f3, f4, f5; classes: class_0, class_1, class_2; set promote.registered_model to a new name for a new dataset"
             ) in flow.stderr.splitlines()
     assert not (dvc_project / "models/tabular").exists()
-    assert time.monotonic() - started < 300

@@ -35,7 +35,7 @@ def test_cron_deployment_schedules_runs_and_serves_them(dvc_project, tmp_path):
                                   cwd=dvc_project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True)
         deployment = wait_for(
-            lambda: httpx.post(f"{api}/deployments/filter", json={}).json(), 60, "the deployment")[0]
+            lambda: httpx.post(f"{api}/deployments/filter", json={}).json(), PATIENCE, "the deployment")[0]
         assert deployment["name"] == "scheduled"
         assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * 1"
 
@@ -45,7 +45,7 @@ def test_cron_deployment_schedules_runs_and_serves_them(dvc_project, tmp_path):
             return httpx.post(f"{api}/flow_runs/filter", json=body).json()
 
         # The server's scheduler creates the upcoming Monday 03:00 runs on its own.
-        upcoming = wait_for(lambda: runs("SCHEDULED"), 60, "scheduled runs")
+        upcoming = wait_for(lambda: runs("SCHEDULED"), PATIENCE, "scheduled runs")
         assert {run["expected_start_time"][11:16] for run in upcoming} == {"03:00"}
 
         # Run one now: the served process picks it up and runs the whole flow.

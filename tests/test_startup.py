@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+from conftest import PATIENCE
+
 SCORE = """
 import json, sys, torch
 torch.manual_seed(0)
@@ -27,7 +29,7 @@ print(json.dumps({{"scores": scores, "loaded": loaded, "after": after}}))
 
 def fresh(imports: str = "", after: str = "after = None") -> dict:
     code = SCORE.format(imports=imports, after=after)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -48,6 +50,6 @@ def test_stage_metrics_load_without_torchmetrics_other_domains_and_match_the_ful
 def test_the_trainer_imports_no_torchmetrics_domain_it_does_not_use():
     code = ("import sys\nimport ratchet.train.trainer\n"
             "print([m for m in ('torchvision', 'scipy.signal') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -24,7 +24,7 @@ import httpx
 import psycopg2
 import pytest
 
-from conftest import free_port, make_dvc_project, tiny_params, wait_for, write_params
+from conftest import PATIENCE, free_port, make_dvc_project, tiny_params, wait_for, write_params
 from pipelines import team as teamctl
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
@@ -150,7 +150,7 @@ def test_two_flows_at_once_wait_for_each_other_and_leave_one_better_champion(sta
     reader = threading.Thread(target=lambda: output.extend(by_hand.stdout), daemon=True)
     reader.start()
     triggered = [api(stack, f"/deployments/{dep['id']}/create_flow_run") for _ in range(2)]
-    assert by_hand.wait(timeout=400) == 0, "".join(output)
+    assert by_hand.wait(timeout=PATIENCE) == 0, "".join(output)
     reader.join(timeout=10)
     ids = [run["id"] for run in triggered]
 
@@ -158,7 +158,7 @@ def test_two_flows_at_once_wait_for_each_other_and_leave_one_better_champion(sta
         runs = flow_runs(stack, id={"any_": ids})
         return runs if all(run["state_type"] in ("COMPLETED", "FAILED", "CRASHED") for run in runs) else None
 
-    runs = wait_for(finished, 400, "the two deployment runs", every=3)
+    runs = wait_for(finished, PATIENCE, "the two deployment runs", every=3)
     worker_log = (stack.dir / "worker.log").read_bytes()[log_start:].decode(errors="replace")
     assert [run["state_type"] for run in runs] == ["COMPLETED", "COMPLETED"], worker_log[-4000:]
     assert not before & set(ids)
