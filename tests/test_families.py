@@ -8,8 +8,10 @@ section in TINY below: the contract test then runs it like the others.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -77,6 +79,26 @@ def test_a_family_runs_prepare_train_evaluate_promote(project, family_name):
     x, _ = family.gate_data(cfg, family.load(cfg.prepare.out_dir))
     for key, gate_input in (x.items() if isinstance(x, dict) else [("input", x)]):
         assert np.asarray(gate_input[:1]).shape[1:] == named[key].shape[1:]  # the gate feeds what the signature says
+
+
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_a_family_prepares_the_same_bytes_in_another_checkout_folder(project, tmp_path_factory, family_name):
+    """A colleague's clone lives in another folder: its prepared data must hash alike, or DVC
+    sees other outputs and the runs' data lineage differs. meta.json records its paths relative
+    to the project, as params.yaml writes them."""
+    name = TINY[family_name]
+    elsewhere = tmp_path_factory.mktemp("another-checkout") / "project"
+    shutil.copytree(project, elsewhere)
+    written = {}
+    for root in (project, elsewhere):
+        loaded = load_params(root / "params.yaml")
+        prepare.run(loaded, name)
+        out = loaded.pipeline(name).prepare.out_dir
+        written[root] = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert written[project].keys() == written[elsewhere].keys()
+    assert [p for p in written[project] if written[project][p] != written[elsewhere][p]] == []
+    meta = json.loads(written[project][Path("meta.json")])
+    assert meta["source"] == str(Path(tiny_params()["pipelines"][name]["data"]["source"]))
 
 
 def test_an_unknown_family_is_refused_with_the_registered_ones(tmp_path):

@@ -19,7 +19,7 @@ from ratchet.models.serving import TabularPreprocess
 def run_prepare(project, **overrides):
     write_params(project, tiny_params(**overrides))
     cfg = load_params(project / "params.yaml").pipeline("tabular")
-    prepare(cfg)
+    prepare(cfg, project)
     return load_prepared(cfg.prepare.out_dir)
 
 
@@ -173,3 +173,16 @@ def test_real_demo_table_prepares(tmp_path):
     assert run.meta.classes == ["benign", "malignant"]
     assert sum(run.meta.rows.values()) == 569
     assert len(run.meta.features) == 30
+
+
+def test_meta_records_paths_as_params_yaml_writes_them():
+    """Inside the project or beside it: relative (the same in every checkout folder); on another
+    mount, sharing only the filesystem root: absolute, as a relative path there means nothing."""
+    from pathlib import Path
+
+    from ratchet.data.prepared import project_path
+
+    root = Path("/home/ana/project")
+    assert project_path(root / "data/raw/table.csv", root) == "data/raw/table.csv"
+    assert project_path(Path("/home/ana/shared/data/water.csv"), root) == "../shared/data/water.csv"
+    assert project_path(Path("/mnt/lake/water.csv"), root) == "/mnt/lake/water.csv"

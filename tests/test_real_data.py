@@ -23,7 +23,7 @@ from ratchet.train.loader import BatchLoader, WeightedDistributedSampler
 def _prepare(project, pipeline="tabular", **overrides):
     write_params(project, tiny_params(**overrides))
     cfg = load_params(project / "params.yaml").pipeline(pipeline)
-    get_family(cfg.family).prepare(cfg)
+    get_family(cfg.family).prepare(cfg, project)
     return cfg, load_prepared(cfg.prepare.out_dir)
 
 
@@ -51,7 +51,8 @@ def test_a_separate_test_file_is_the_test_split_and_statistics_come_from_trainin
     assert [meta.classes[i] for i in prepared.array("test_y")] == table["label"].iloc[-90:].tolist()
     train_rows = features.iloc[:-90].to_numpy(np.float32)[prepared.array("train_ids")]
     np.testing.assert_allclose(meta.fill, np.nanmedian(train_rows, axis=0), rtol=1e-6)
-    assert meta.files["test"].endswith("split/test.csv") and meta.files["val"].endswith("split/train.csv")
+    assert meta.files == {"train": "data/raw/split/train.csv", "val": "data/raw/split/train.csv",
+                          "test": "data/raw/split/test.csv"}
 
     # a validation file too: the training file is then all training rows
     table.iloc[:60].to_csv(project / "data/raw/split/val.csv", index=False)

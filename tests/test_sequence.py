@@ -80,7 +80,7 @@ def test_targets_stay_in_their_split_whose_windows_read_context_from_before_it(p
     _counting_series(project / "data/raw/series.csv")
     cfg = _section(project, **{"prepare.scaler": "none", "window.input": 10, "window.horizon": 4,
                                "evaluate.seasonal_period": None})
-    meta = FAMILY.prepare(cfg)
+    meta = FAMILY.prepare(cfg, project)
     prepared = load_prepared(cfg.prepare.out_dir)
     assert meta.rows == {"train": 120, "val": 40, "test": 40}
     assert meta.context == {"train": 0, "val": 10, "test": 10}
@@ -111,7 +111,7 @@ def test_stride_thins_the_training_windows_only(project):
     _counting_series(project / "data/raw/series.csv")
     cfg = _section(project, **{"prepare.scaler": "none", "window.input": 10, "window.horizon": 4,
                                "window.stride": 3, "evaluate.seasonal_period": None})
-    meta = FAMILY.prepare(cfg)
+    meta = FAMILY.prepare(cfg, project)
     prepared = load_prepared(cfg.prepare.out_dir)
     starts = {}
     for split in ("train", "val", "test"):
@@ -124,7 +124,7 @@ def test_stride_thins_the_training_windows_only(project):
 
 def test_scaling_is_fitted_on_the_training_part_and_inverts_exactly(project):
     cfg = _section(project)
-    meta = FAMILY.prepare(cfg)
+    meta = FAMILY.prepare(cfg, project)
     prepared = load_prepared(cfg.prepare.out_dir)
     raw = pd.read_csv(project / "data/raw/series.csv")[["value", "temp"]].to_numpy()
     train = raw[: meta.rows["train"]]
@@ -183,7 +183,7 @@ def test_bad_series_fail_with_one_clear_line_and_no_outputs(project, case):
     _write(project / "data/raw/series.csv", rows())
     cfg = _section(project, **changes)
     with pytest.raises(RatchetError) as info:
-        FAMILY.prepare(cfg)
+        FAMILY.prepare(cfg, project)
     assert str(info.value).startswith(f"{project / 'data/raw/series.csv'}: ")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
@@ -208,12 +208,12 @@ def test_gaps_and_duplicates_are_filled_as_params_say(project):
         for duplicates, at_ten in (("first", 10.0), ("mean", (10.0 + 99.0) / 2)):
             cfg = _section(project, **{"data.gaps": gaps, "data.duplicates": duplicates, "prepare.scaler": "none",
                                        "prepare.val_fraction": 0.1, "prepare.test_fraction": 0.1, **SHORT})
-            meta = FAMILY.prepare(cfg)
+            meta = FAMILY.prepare(cfg, project)
             train = load_prepared(cfg.prepare.out_dir).array("train_raw")[:, 0]
             assert list(train[40:44]) == want and train[10] == at_ten, (gaps, duplicates)
             assert meta.cleaning["train"] == {"sorted": False, "duplicates": 1, "non_finite": 0,
                                                  "filled_steps": 4, "filled_values": 0}
-            assert meta.source == str(source)
+            assert meta.source == "data/raw/series.csv"  # as params.yaml writes it: relative to the project
 
 
 def test_unsorted_rows_are_sorted_by_default(project):
@@ -221,7 +221,7 @@ def test_unsorted_rows_are_sorted_by_default(project):
     rows[20], rows[21] = rows[21], rows[20]
     _write(project / "data/raw/series.csv", rows)
     cfg = _section(project, **{"prepare.scaler": "none", **SHORT})
-    meta = FAMILY.prepare(cfg)
+    meta = FAMILY.prepare(cfg, project)
     assert meta.cleaning["train"]["sorted"] is True
     assert list(load_prepared(cfg.prepare.out_dir).array("train_raw")[18:23, 0]) == [18, 19, 20, 21, 22]
 
@@ -231,20 +231,20 @@ def test_separate_test_file_must_come_after_the_training_file(project):
     _counting_series(project / "data/raw/later.csv", steps=60, start="2024-01-07 06:00")
     cfg = _section(project, **{"data.source": "data/raw", "data.train": "series.csv", "data.test": "later.csv",
                                "prepare.scaler": "none"})
-    meta = FAMILY.prepare(cfg)
+    meta = FAMILY.prepare(cfg, project)
     assert meta.rows == {"train": 120, "val": 30, "test": 60}  # validation: the end of the training file
     assert meta.span["test"][0] == "2024-01-07 06:00:00"
     assert meta.context["test"] == 24  # the next step after the training file: its inputs start there
     x, y = series_windows(load_prepared(cfg.prepare.out_dir), "test", raw=True)
     assert x[[0]][0, 0, 0] == 150 - 24 and y[[0]][0, 0] == 0 and len(x) == 60 - 3 + 1
     _counting_series(project / "data/raw/later.csv", steps=60, start="2024-01-08 06:00")  # a day later: no context
-    meta = FAMILY.prepare(cfg)
+    meta = FAMILY.prepare(cfg, project)
     assert meta.context["test"] == 0 and meta.windows["test"] == 60 - 24 - 3 + 1
     _counting_series(project / "data/raw/later.csv", steps=60, start="2024-01-07 05:00")
     with pytest.raises(RatchetError, match=r"later.csv: the test part starts at 2024-01-07 05:00:00, not after the "
                                            r"end of the part before it \(2024-01-07 05:00:00\); test data must "
                                            r"come later"):
-        FAMILY.prepare(cfg)
+        FAMILY.prepare(cfg, project)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -277,7 +277,7 @@ def test_bad_sequence_params_name_the_key(project, change, message):
 def test_recurrent_models_forecast_every_horizon_step(project, name, bidirectional, layers):
     cfg = _section(project, **{"model.name": name, "model.bidirectional": bidirectional, "model.layers": layers,
                                "model.dropout": 0.1})
-    meta = FAMILY.prepare(cfg)
+    meta = FAMILY.prepare(cfg, project)
     net = FAMILY.build_model(cfg.model, meta)
     x, _ = series_windows(load_prepared(cfg.prepare.out_dir), "train", raw=False)
     out = net(x.index_select(0, torch.arange(5)))
@@ -287,7 +287,7 @@ def test_recurrent_models_forecast_every_horizon_step(project, name, bidirection
 
 def test_residual_forecaster_starts_at_the_naive_forecast_and_learns_corrections(project):
     cfg = _section(project, **{"data.features": ["temp", "value"], "model.residual": True})
-    meta = FAMILY.prepare(cfg)
+    meta = FAMILY.prepare(cfg, project)
     assert meta.target_index == 1
     torch.manual_seed(0)
     net = FAMILY.build_model(cfg.model, meta)
@@ -312,7 +312,7 @@ def test_fine_tuning_refuses_a_forecaster_trained_with_the_other_residual_settin
     from ratchet.models.finetune import load_initial_weights
 
     cfg = _section(project, **{"model.residual": True})
-    meta = FAMILY.prepare(cfg)
+    meta = FAMILY.prepare(cfg, project)
     level = FAMILY.build_model(_section(project).model, meta)
     torch.save({"config": {"model": {"name": "gru", "residual": False}}, "model": level.state_dict()},
                project / "level.pt")

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ratchet.config import ImagePipeline
-from ratchet.data.prepared import prepared_writer
+from ratchet.data.prepared import prepared_writer, project_path
 from ratchet.data.split import stratified_split
 from ratchet.errors import RatchetError
 
@@ -35,9 +35,9 @@ MODES = {"rgb": "RGB", "grayscale": "L"}
 CHUNK = 4096  # images per block when copying and computing statistics (bounded memory)
 
 
-def prepare(cfg: ImagePipeline, family: str = "image", scan=None, extra_meta=None) -> dict:
+def prepare(cfg: ImagePipeline, root: Path, family: str = "image", scan=None, extra_meta=None) -> dict:
     """Scan, decode once, split, guard against files shared between splits, and write the
-    prepared arrays; return meta.json's content. `scan(tree)` -> (class names, [(path, class)])
+    prepared arrays; return meta.json's content (its paths relative to the project folder `root`). `scan(tree)` -> (class names, [(path, class)])
     reads the tree's layout (default: `scan_tree`, one folder per class); `extra_meta(classes)`
     adds the family's own fields."""
     scan = scan or scan_tree
@@ -95,7 +95,7 @@ def prepare(cfg: ImagePipeline, family: str = "image", scan=None, extra_meta=Non
         skipped = paths[~ok].tolist()
         meta = writer.finish({
             "family": family,
-            "source": str(data.source),
+            "source": project_path(data.source, root),
             "id": "file",  # <split>_ids: image paths relative to data.source
             "serving_input": "test_x",  # what a registered model takes: uint8 images, N x C x H x W
             "channels": data.channels,

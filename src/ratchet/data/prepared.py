@@ -88,6 +88,17 @@ def prepared_writer(out_dir: Path) -> Iterator[PreparedWriter]:
         raise
 
 
+def project_path(path: Path, root: Path) -> str:
+    """`path` as meta.json records it: relative to the project (`root`, the folder of params.yaml),
+    as params.yaml writes paths, so two checkouts in different folders prepare byte-identical
+    data (and DVC hashes it alike). A path that shares no folder with the project but the
+    filesystem's root (another disk or mount) stays absolute."""
+    path, root = Path(path), Path(root)
+    if os.path.commonpath([path, root]) == path.anchor:
+        return path.as_posix()
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
 def write_prepared(out_dir: Path, arrays: dict[str, np.ndarray], meta: dict) -> dict:
     """Write in-memory arrays and meta.json atomically; return meta with `data_hash`."""
     with prepared_writer(out_dir) as writer:

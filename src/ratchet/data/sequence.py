@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from pandas.tseries.frequencies import to_offset
 
-from ratchet.data.prepared import read_csv, row_keys, write_prepared
+from ratchet.data.prepared import project_path, read_csv, row_keys, write_prepared
 from ratchet.errors import RatchetError
 
 SPLITS = ("train", "val", "test")
@@ -29,7 +29,9 @@ MISSING = ["", "NA", "NaN", "nan", "null"]  # an empty value, filled or refused 
 MAX_GRID = 100  # a frequency may add at most this many grid steps per row (a typo such as 1s on daily data)
 
 
-def prepare(cfg) -> dict:
+def prepare(cfg, root: Path) -> dict:
+    """Validate, split, scale and write the series and its windows' record; return meta.json's
+    content (its paths relative to the project folder `root`)."""
     data, win = cfg.data, cfg.window
     columns = data.inputs
     files = {split: data.file(split) for split in SPLITS}
@@ -84,9 +86,9 @@ def prepare(cfg) -> dict:
         previous = part if previous is None or not context[split] else pd.concat([previous, part])
     meta = {
         "family": "sequence",
-        "source": str(files["train"]),
-        "test_source": None if files["test"] is None else str(files["test"]),
-        "files": {split: str(where[split]) for split in SPLITS},
+        "source": project_path(files["train"], root),
+        "test_source": None if files["test"] is None else project_path(files["test"], root),
+        "files": {split: project_path(where[split], root) for split in SPLITS},
         "timestamp": data.timestamp,
         "inputs": columns,
         "target": data.target,

@@ -16,15 +16,16 @@ import numpy as np
 import pandas as pd
 
 from ratchet.config import TabularPipeline
-from ratchet.data.prepared import read_csv, row_keys, write_prepared
+from ratchet.data.prepared import project_path, read_csv, row_keys, write_prepared
 from ratchet.data.split import stratified_split
 from ratchet.errors import RatchetError
 
 SPLITS = ("train", "val", "test")
 
 
-def prepare(cfg: TabularPipeline) -> dict:
-    """Validate, split, impute, scale and write the prepared arrays; return meta.json's content."""
+def prepare(cfg: TabularPipeline, root: Path) -> dict:
+    """Validate, split, impute, scale and write the prepared arrays; return meta.json's content
+    (its paths relative to the project folder `root`)."""
     data = cfg.data
     files = {split: data.file(split) for split in SPLITS}  # val/test None: held out of the training file
     tables = {split: read_table(path, data, cfg.prepare.non_finite) for split, path in files.items() if path}
@@ -75,8 +76,8 @@ def prepare(cfg: TabularPipeline) -> dict:
         "family": "tabular",
         "id": "row",  # <split>_ids: 0-based data-row numbers of that split's file (files)
         "serving_input": "test_x_raw",  # what a registered model takes: raw features, NaN included
-        "source": str(files["train"]),
-        "files": {split: str(files[split] or files["train"]) for split in SPLITS},
+        "source": project_path(files["train"], root),
+        "files": {split: project_path(files[split] or files["train"], root) for split in SPLITS},
         "label": data.label,
         "features": columns,
         "input_shape": [len(columns)],

@@ -88,9 +88,10 @@ class Family(ABC):
 
     # -- prepare ---------------------------------------------------------------------------
     @abstractmethod
-    def prepare(self, cfg: Any) -> PreparedMeta:
+    def prepare(self, cfg: Any, root: Path) -> PreparedMeta:
         """Validate the raw data, split it, fit preprocessing on the training split, write
-        `cfg.prepare.out_dir` atomically; return the record written as meta.json."""
+        `cfg.prepare.out_dir` atomically; return the record written as meta.json, whose paths
+        are relative to the project folder `root` (`ratchet.data.prepared.project_path`)."""
 
     @abstractmethod
     def describe(self, meta: PreparedMeta) -> str:

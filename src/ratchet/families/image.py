@@ -8,6 +8,8 @@ and convolutions run channels-last. The served model takes uint8 images (N, C, H
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ratchet.config.image import ImagePipeline
 from ratchet.families.classification import ClassificationMeta, ClassifierFamily
 
@@ -26,10 +28,10 @@ class ImageFamily(ClassifierFamily):
     schema = ImagePipeline
     Meta = ImageMeta
 
-    def prepare(self, cfg: ImagePipeline) -> ImageMeta:
+    def prepare(self, cfg: ImagePipeline, root: Path) -> ImageMeta:
         from ratchet.data.image import prepare
 
-        return ImageMeta.model_validate(prepare(cfg))
+        return ImageMeta.model_validate(prepare(cfg, root))
 
     def transforms(self, cfg: ImagePipeline, meta: ImageMeta, device):
         from ratchet.data.transforms import BatchAugment, Compose, Normalize, ToUnitFloat

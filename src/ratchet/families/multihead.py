@@ -52,11 +52,11 @@ class MultiheadFamily(ImageFamily):
                 *(f"val_{h}_{m}" for h in HEADS for m in ("accuracy", "f1_macro")))
     gate_metrics = tuple(f"{h}.{m}" for h in HEADS for m in GATE_METRICS)
 
-    def prepare(self, cfg: MultiheadPipeline) -> MultiheadMeta:
+    def prepare(self, cfg: MultiheadPipeline, root: Path) -> MultiheadMeta:
         from ratchet.data.image import prepare
         from ratchet.data.multihead import group_meta, scan_groups
 
-        return MultiheadMeta.model_validate(prepare(cfg, family=self.name, scan=scan_groups, extra_meta=group_meta))
+        return MultiheadMeta.model_validate(prepare(cfg, root, family=self.name, scan=scan_groups, extra_meta=group_meta))
 
     def describe(self, meta: MultiheadMeta) -> str:
         return f"{len(meta.classes)} classes in {len(meta.groups)} groups"

@@ -44,10 +44,10 @@ class SequenceFamily(Family):
     monitors = ("val_loss", "val_mae", "val_rmse")  # scaled units
     gate_metrics = METRICS  # original units
 
-    def prepare(self, cfg: SequencePipeline) -> SequenceMeta:
+    def prepare(self, cfg: SequencePipeline, root: Path) -> SequenceMeta:
         from ratchet.data.sequence import prepare
 
-        return SequenceMeta.model_validate(prepare(cfg))
+        return SequenceMeta.model_validate(prepare(cfg, root))
 
     def describe(self, meta: SequenceMeta) -> str:
         return (f"{', '.join(f'{s} {n}' for s, n in meta.windows.items())} windows of "

@@ -6,6 +6,8 @@ model takes raw feature rows (NaN allowed) and applies them itself.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ratchet.config.tabular import TabularPipeline
 from ratchet.families.classification import ClassificationMeta, ClassifierFamily
 
@@ -25,10 +27,10 @@ class TabularFamily(ClassifierFamily):
     schema = TabularPipeline
     Meta = TabularMeta
 
-    def prepare(self, cfg: TabularPipeline) -> TabularMeta:
+    def prepare(self, cfg: TabularPipeline, root: Path) -> TabularMeta:
         from ratchet.data.tabular import prepare
 
-        return TabularMeta.model_validate(prepare(cfg))
+        return TabularMeta.model_validate(prepare(cfg, root))
 
     def transforms(self, cfg, meta, device):
         return None, None  # prepare wrote standardised arrays

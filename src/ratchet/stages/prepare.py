@@ -14,7 +14,7 @@ from ratchet.families import get_family
 def run(params: Params, name: str):
     cfg = params.pipeline(name)
     family = get_family(cfg.family)
-    meta = family.prepare(cfg)
+    meta = family.prepare(cfg, params.root)
     rows = ", ".join(f"{split} {n}" for split, n in meta.rows.items())
     print(f"prepared {name}: {rows} rows, {family.describe(meta)} -> {cfg.prepare.out_dir}")
     return meta
