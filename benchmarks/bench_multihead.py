@@ -10,13 +10,12 @@ opens and decodes each PNG on every access, torchvision ToTensor + Resize, DataL
 shuffle, Adam, the pipeline's epochs, batch size and learning rate, no early stopping) on the
 same training files and scores it on the same test files. Printed: test accuracy per head of
 both (the question: does the pipeline learn what the course's loop learns?), and seconds per
-epoch for orientation only (Ratchet's from the run's history.csv, not measured side by side).
+epoch for orientation only (Ratchet's from the run's run.json, not measured side by side).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import time
@@ -121,8 +120,7 @@ def main() -> None:
     cfg = load_params(args.params).pipeline(args.pipeline)
     prepared = get_family(cfg.family).load(cfg.prepare.out_dir)
     ours = json.loads(cfg.evaluate.metrics.read_text())
-    with open(cfg.train.out_dir / "history.csv") as f:
-        history = list(csv.DictReader(f))
+    run = json.loads((cfg.train.out_dir / "run.json").read_text())
     weights = dict(cfg.model.heads)
     theirs, seconds = course_run(cfg, prepared, weights)
     rows = prepared.meta.rows
@@ -131,14 +129,14 @@ def main() -> None:
           f"epochs {cfg.train.epochs}, batch {cfg.train.batch_size}, lr {cfg.train.optimizer.lr}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'':<28}" + "".join(f"{h + ' accuracy':>18}" for h in weights) + f"{'s/epoch':>10}")
-    ours_seconds = statistics.median(float(r["epoch_seconds"]) for r in history)
+    ours_seconds = statistics.median(run["timings"]["epoch_seconds"])
     print(f"{'course loop (plain torch)':<28}" + "".join(f"{theirs[h]:>18.4f}" for h in weights)
           + f"{statistics.median(seconds):>10.2f}")
-    best = json.loads((cfg.train.out_dir / "run.json").read_text())["metrics"]["best_epoch"]
-    print(f"{f'ratchet (best of {len(history)} epochs: {best})':<28}"
+    best, epochs = run["metrics"]["best_epoch"], run["metrics"]["epochs"]
+    print(f"{f'ratchet (best of {epochs} epochs: {best})':<28}"
           + "".join(f"{ours[h + '.accuracy']:>18.4f}" for h in weights) + f"{ours_seconds:>10.2f}")
     print("s/epoch: the course loop's measured here; Ratchet's (training and validation) from the run's "
-          "history.csv, at another moment: not a side-by-side speed figure (bench_image.py is)")
+          "run.json, at another moment: not a side-by-side speed figure (bench_image.py is)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Each pipeline of the project's params.yaml (the demo data) is prepared once in a
 folder, then trained by the real `ratchet train <pipeline>` under each mode, the modes
 alternating round by round (the mode is read before torch starts, so each training is its own
 process). Early stopping is off, so both modes train the same number of epochs. The figure is
-the median epoch time from the stage's history.csv (train.out_dir), first epoch left out (warm-up), and the
+the median epoch time from the stage's run.json (train.out_dir), first epoch left out (warm-up), and the
 ratio portable/fast (> 1: portable is slower). The last line is one JSON object of the
 ratios. Portable also pins the thread count (`numerics.threads`, 2 here); `fast` uses torch's
 default, all of this machine's cores.
@@ -15,7 +15,6 @@ default, all of this machine's cores.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -48,10 +47,10 @@ def write_params(raw: dict, mode: str, epochs: int | None, path: Path) -> None:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
-def epoch_seconds(history: Path) -> float:
-    with history.open() as f:
-        rows = list(csv.DictReader(f))
-    return statistics.median(float(r["epoch_seconds"]) for r in rows[1:] or rows)
+def epoch_seconds(run_file: Path) -> float:
+    """The median epoch of a training, first epoch left out (warm-up), from its run.json."""
+    seconds = json.loads(run_file.read_text())["timings"]["epoch_seconds"]
+    return statistics.median(seconds[1:] or seconds)
 
 
 def main() -> None:
@@ -76,7 +75,7 @@ def main() -> None:
                 for mode in MODES if r % 2 == 0 else MODES[::-1]:
                     ratchet(["train", name, "--params", f"{mode}.yaml"], work)
                     out = work / raw["pipelines"][name]["train"]["out_dir"]
-                    times[name][mode].append(epoch_seconds(out / "history.csv"))
+                    times[name][mode].append(epoch_seconds(out / "run.json"))
                     shutil.rmtree(out)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
         ratios = {}

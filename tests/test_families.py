@@ -52,6 +52,8 @@ def test_a_family_runs_prepare_train_evaluate_promote(project, family_name):
     history = (cfg.train.out_dir / "history.csv").read_text().splitlines()
     assert len(history) == 3 and {"epoch", "train_loss", "val_loss", cfg.train.monitor} <= set(history[0].split(","))
     assert not cfg.train.checkpoint.exists()  # finished: nothing left to resume
+    timings = json.loads((cfg.train.out_dir / "run.json").read_text())["timings"]
+    assert "epoch_seconds" not in history[0] and len(timings["epoch_seconds"]) == 2  # wall time: run.json, not the plots
 
     metrics = evaluate.run(loaded, name)
     assert json.loads(cfg.evaluate.metrics.read_text()) == metrics

@@ -111,7 +111,8 @@ def test_fast_trains_different_weights_on_the_two_machines():
 
 @pytest.mark.slow
 def test_a_stage_is_portable_end_to_end(tmp_path):
-    """`ratchet train` and `evaluate` on both machines: the same model bytes and metrics.json."""
+    """`ratchet train` and `evaluate` on both machines: the same model bytes, metrics.json and
+    per-epoch history.csv (the DVC plots in git: no wall time in it)."""
     make_image_tree(tmp_path / "data/raw/images")
     write_params(tmp_path, {"pipelines": {"image": tiny_image_section()}})
     ratchet(tmp_path, "prepare", "image")
@@ -124,5 +125,6 @@ def test_a_stage_is_portable_end_to_end(tmp_path):
                            cwd=tmp_path, env=env, check=True, capture_output=True)
         state = torch.load(tmp_path / "models/image/model.pt", weights_only=True)["model"]
         digest = hashlib.sha256(b"".join(t.contiguous().numpy().tobytes() for t in state.values())).hexdigest()
-        results.append((digest, (tmp_path / "reports/image/metrics.json").read_text()))
+        results.append((digest, (tmp_path / "reports/image/metrics.json").read_text(),
+                        (tmp_path / "reports/image/plots/history.csv").read_text()))
     assert results[0] == results[1]

@@ -53,7 +53,7 @@ from ratchet.train.checkpoint import load_checkpoint
 from ratchet.train.distributed import DistInfo, distributed, launch, sync_batchnorm, under_torchrun
 from ratchet.train.optim import build_optimizer, build_scheduler
 from ratchet.train.loader import BatchLoader
-from ratchet.train.trainer import Trainer
+from ratchet.train.trainer import TIMING, Trainer
 
 
 def run(params: Params, name: str) -> dict:
@@ -235,10 +235,14 @@ def _write_outputs(cfg: PipelineConfig, name: str, family: Family, net: torch.nn
         plain.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
         torch.save({"model": plain.state_dict(), "config": cfg.model_dump(mode="json"), "meta": meta.model_dump(),
                     "run_id": run_id, "metrics": result}, tmp / MODEL_FILE)
+        # history.csv (DVC's plots, in git) holds what the run computed, not how long it took:
+        # wall time differs on every run and machine, so the same results would read as changed.
+        # The epochs' seconds go to run.json and the MLflow run instead.
+        timings[TIMING] = [record[TIMING] for record in history]
         with open(tmp / HISTORY_FILE, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer = csv.DictWriter(f, fieldnames=[key for key in history[0] if key != TIMING])
             writer.writeheader()
-            writer.writerows(history)
+            writer.writerows({k: v for k, v in record.items() if k != TIMING} for record in history)
         curves_png(history, tmp / "curves.png")
         # What this model trained on (train and val sample keys): the gate leaves these out of any test split.
         fingerprint = np.unique(np.concatenate([family.sample_keys(cfg, prepared, split).ravel()

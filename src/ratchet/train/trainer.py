@@ -39,6 +39,8 @@ from ratchet.train.early_stopping import EarlyStopping
 from ratchet.train.loader import BatchLoader
 from ratchet.train.optim import step_scheduler
 
+TIMING = "epoch_seconds"  # the one wall-time entry of an epoch's record (s, training and validation)
+
 
 class Trainer:
     def __init__(
@@ -185,7 +187,7 @@ class Trainer:
                       "lr": self.optimizer.param_groups[0]["lr"]}
             step_scheduler(self.scheduler, record[self.cfg.monitor])
             stop = self.stopper.step(record[self.cfg.monitor], self.module, epoch + 1)
-            record["epoch_seconds"] = time.perf_counter() - started
+            record[TIMING] = time.perf_counter() - started
             self.history.append(record)
             self.epochs_done = epoch + 1
             self._save_checkpoint()  # first: a kill after it resumes past this epoch, whose record it holds
@@ -223,4 +225,4 @@ def _with_progress(loader: BatchLoader, desc: str, show: bool):
 
 def _epoch_line(record: dict, epochs: int) -> str:
     values = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith(("train_", "val_")))
-    return f"epoch {record['epoch']:>3}/{epochs}  {values}  lr {record['lr']:.2e}  ({record['epoch_seconds']:.2f} s)"
+    return f"epoch {record['epoch']:>3}/{epochs}  {values}  lr {record['lr']:.2e}  ({record[TIMING]:.2f} s)"
