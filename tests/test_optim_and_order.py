@@ -126,6 +126,21 @@ def test_training_order_is_torchs_distributed_sampler_order_as_one_tensor(n, wor
             assert ours.order().tolist() == list(torchs) == list(ours)
 
 
+@pytest.mark.parametrize("n, batch, world", [(24, 4, 1), (25, 4, 1), (23, 4, 2), (10, 3, 3), (2, 4, 5)])
+@pytest.mark.parametrize("kind", ["train", "balanced", "evaluate"])
+def test_batch_sizes_are_the_sizes_of_the_batches_each_process_gets(n, batch, world, kind):
+    """What the Trainer weights each batch's loss by: the batches' real sizes, for every rank, with
+    padding, a balanced draw, the last batch of one left out (25 = 6 x 4 + 1) or an uneven last."""
+    for rank in range(world):
+        dist = DistInfo(rank=rank, local_rank=rank, world_size=world, device=CPU)
+        weights = torch.ones(n).numpy() if kind == "balanced" else None
+        loader = BatchLoader([torch.arange(n), torch.zeros(n)], batch, dist, train=kind != "evaluate", seed=1,
+                             weights=weights)
+        loader.set_epoch(2)
+        assert loader.batch_sizes() == [len(indices) for indices, _ in loader], (rank, kind)
+        assert len(loader.batch_sizes()) == len(loader)
+
+
 def test_two_processes_shards_cover_every_sample_each_epoch():
     """Rank 0 and rank 1 of two take the same number of batches and between them every sample,
     every epoch (padded with repeats when the count is odd); in evaluation each sample once."""

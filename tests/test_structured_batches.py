@@ -101,3 +101,26 @@ def test_trainer_takes_several_inputs_and_heads_and_logs_each_loss_part(tmp_path
     with torch.no_grad():
         accuracy = (model(val_x)["class"].argmax(1) == val_y["class"]).float().mean().item()
     assert best_record["val_class_accuracy"] == pytest.approx(accuracy)
+
+
+def test_the_training_loss_of_an_epoch_is_a_per_sample_mean_over_uneven_batches(tmp_path):
+    """train_loss and each head's part are means over samples: batches of 16, 16, 16 and 2
+    weighted by their sizes (a mean of the four batch means would weigh the last two samples
+    as much as 16). The step leaves the weights as they were (lr 1e-30), so the epoch's loss must
+    equal the loss of the whole split in one pass."""
+    cfg = TrainConfig.model_validate({"out_dir": tmp_path, "checkpoint": tmp_path / "c.pt", "epochs": 1,
+                                      "batch_size": 16, "device": "cpu", "early_stopping": {"patience": None}})
+    torch.manual_seed(0)
+    model = TwoHeads()
+    x, y = two_head_data(50, seed=0)
+    metrics = MultitaskWrapper({"class": MetricCollection({"accuracy": MulticlassAccuracy(6, average="micro")})})
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=1e-30), None, weighted_loss,
+                      BatchLoader((x, y), cfg.batch_size, ALONE, train=True, seed=0),
+                      BatchLoader((x, y), 64, ALONE, train=False), metrics, ALONE, cfg)
+    assert trainer.train_loader.batch_sizes() == [16, 16, 16, 2]
+    record = trainer._run_epoch(0)
+    with torch.no_grad():
+        total, parts = weighted_loss(model(x), y)
+    assert record["train_loss"] == pytest.approx(total.item(), rel=1e-6)
+    for head in WEIGHTS:
+        assert record[f"train_loss_{head}"] == pytest.approx(parts[head].item(), rel=1e-6)

@@ -138,3 +138,24 @@ def test_a_diverged_loss_stops_training_with_a_clear_error(tmp_path):
     trainer.train_loader.tensors[0][5, 2] = float("nan")  # one bad value poisons the loss
     with pytest.raises(RatchetError, match="training loss is nan in epoch 1: the model diverged"):
         trainer.fit()
+
+
+def test_a_long_epoch_shows_a_progress_bar_and_short_ones_are_not_watched(tmp_path, monkeypatch, capsys):
+    """Work that runs for a while shows progress (a tqdm bar after the delay), and a run of
+    short epochs pays nothing per batch for it: after an epoch under a tenth of the delay, the
+    next one iterates the loader itself."""
+    import time
+
+    from ratchet.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "PROGRESS_DELAY_S", (0.05, 0.05))
+    trainer = make_trainer(train_cfg(tmp_path, epochs=2))
+    trainer.train_loader.transform = lambda x: (time.sleep(0.02), x)[1]  # 6 batches: ~0.12 s an epoch
+    trainer.fit()
+    err = capsys.readouterr().err
+    assert "epoch 1: " in err and "epoch 2: " in err and "batch" in err, err
+
+    loader = trainer.train_loader
+    assert trainer_module._with_progress(loader, "epoch 3", True, last_epoch_s=0.001) is loader
+    assert trainer_module._with_progress(loader, "epoch 3", True, last_epoch_s=None) is not loader
+    assert trainer_module._with_progress(loader, "epoch 3", False, last_epoch_s=None) is loader  # rank > 0

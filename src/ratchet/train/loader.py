@@ -98,27 +98,35 @@ class BatchLoader:
             # A last training batch of one sample breaks BatchNorm ("expected more than 1 value per
             # channel"): it is left out of this epoch (the order is new every epoch).
             return idx[:-1] if len(idx) > 1 and len(idx) % self.batch_size == 1 else idx
-        return torch.arange(self.dist.rank, self.n, self.dist.world_size)
+        # sliced, not arange(rank, n, world): a rank past the last sample gets none (arange raises)
+        return torch.arange(self.n)[self.dist.rank :: self.dist.world_size]
 
     def __len__(self) -> int:
+        return -(-self._count() // self.batch_size)
+
+    def batch_sizes(self) -> list[int]:
+        """The number of samples in each of this process's batches of an epoch, in order."""
+        full, rest = divmod(self._count(), self.batch_size)
+        return [self.batch_size] * full + ([rest] if rest else [])
+
+    def _count(self) -> int:
+        """This process's samples per epoch (what `indices` returns)."""
         if self.sampler is not None:
             count = len(self.sampler)
-            count -= 1 if count > 1 and count % self.batch_size == 1 else 0
-        else:
-            count = len(range(self.dist.rank, self.n, self.dist.world_size))
-        return -(-count // self.batch_size)
+            return count - 1 if count > 1 and count % self.batch_size == 1 else count
+        return len(range(self.dist.rank, self.n, self.dist.world_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        for _, batch in self.iter_with_indices():
-            yield batch
+        # Not through iter_with_indices: a generator layer per batch is ~1% of a small MLP's step.
+        transform = self.transform
+        for _, tensors in self._stream() if self.streaming else self._gather():
+            yield tensors if transform is None else (transform(tensors[0]), *tensors[1:])
 
     def iter_with_indices(self) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         """Like iteration, but also yields each batch's sample indices (for per-sample outputs)."""
-        batches = self._stream() if self.streaming else self._gather()
-        for idx, tensors in batches:
-            if self.transform is not None:
-                tensors = (self.transform(tensors[0]), *tensors[1:])
-            yield idx, tensors
+        transform = self.transform
+        for idx, tensors in self._stream() if self.streaming else self._gather():
+            yield idx, tensors if transform is None else (transform(tensors[0]), *tensors[1:])
 
     def _gather(self) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]:
         idx = self.indices().to(self.dist.device)

@@ -39,6 +39,7 @@ from ratchet.train.early_stopping import EarlyStopping
 from ratchet.train.loader import BatchLoader
 from ratchet.train.optim import step_scheduler
 
+PROGRESS_DELAY_S = (2.0, 30.0)  # an epoch's bar appears after this long: on a terminal, in a log
 TIMING = "epoch_seconds"  # the one wall-time entry of an epoch's record (s, training and validation)
 
 
@@ -69,8 +70,10 @@ class Trainer:
         self.mode = monitor_mode(cfg.monitor)
         self.stopper = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta, self.mode)
         self.amp = cfg.amp and dist.device.type == "cuda"
+        self.grad_clip = cfg.grad_clip
         self.epochs_done = 0
         self.history: list[dict] = []
+        self.last_pass_s: float | None = None  # the last training pass's seconds (progress bars)
 
     def _autocast(self):
         """bf16 autocast on CUDA when amp is on; nothing otherwise (not even a disabled context)."""
@@ -79,14 +82,18 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _run_batch(self, inputs, targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with self._autocast():
-            loss, parts = split_loss(self.loss_fn(self.model(inputs), targets))
+        if self.amp:
+            with self._autocast():
+                out = self.loss_fn(self.model(inputs), targets)
+        else:  # no context at all: a null one, with the rest of this step's bookkeeping, was ~1.5%
+            out = self.loss_fn(self.model(inputs), targets)  # of a small MLP's step (bench_tabular.py)
+        loss, parts = split_loss(out)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
-        return loss.detach(), {name: part.detach() for name, part in parts.items()}
+        return loss.detach(), {name: part.detach() for name, part in parts.items()} if parts else parts
 
     def _run_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over this process's shard; the mean training loss (and its parts) over all
@@ -95,20 +102,31 @@ class Trainer:
         for name in self.cfg.freeze:  # frozen layers keep their BatchNorm statistics too
             self.module.get_submodule(name).eval()
         self.train_loader.set_epoch(epoch)
-        batches = _with_progress(self.train_loader, f"epoch {epoch + 1}", show=self.dist.is_main)
-        losses: list[tuple[torch.Tensor, ...]] = []  # per batch (total, *parts), on the device: no host sync per step
+        started = time.perf_counter()
+        batches = _with_progress(self.train_loader, f"epoch {epoch + 1}", show=self.dist.is_main,
+                                 last_epoch_s=self.last_pass_s)
+        losses: list[torch.Tensor] = []  # per batch, on the device: no host sync per step
         parts: dict[str, torch.Tensor] = {}
-        sizes: list[int] = []
+        part_losses: list[torch.Tensor] = []  # several heads: per batch each head's loss
         for inputs, targets in batches:
             loss, parts = self._run_batch(inputs, targets)
-            losses.append((loss, *parts.values()))
-            sizes.append(batch_size(targets))
+            losses.append(loss)
+            if parts:
+                part_losses.extend(parts.values())
         names = list(parts)
-        # Stacked once per epoch, a column per loss: no tensor op per step beyond the step's own.
-        per_batch = torch.stack([torch.stack(column) for column in zip(*losses)], dim=1).float()  # batches x losses
-        weights = torch.tensor(sizes, device=self.dist.device, dtype=torch.float32)
-        total = all_reduce_sum(torch.cat([weights @ per_batch, weights.sum(0, keepdim=True)]))
-        means = (total[:-1] / total[-1]).tolist()
+        # One read from the device per epoch, then the means weighted by batch size in Python
+        # floats: per step nothing but the step and an append (tensor arithmetic here, a matmul
+        # and cat per epoch, and per-step bookkeeping cost 2-3% of a small MLP's epoch against
+        # a plain loop: benchmarks/bench_tabular.py).
+        rows = [torch.stack(losses).tolist()]  # per loss (total, then each head's), per batch
+        if names:
+            rows += torch.stack(part_losses).view(len(losses), len(names)).t().tolist()
+        sizes = self.train_loader.batch_sizes()
+        sums = [math.fsum(n * value for n, value in zip(sizes, row)) for row in rows]
+        total = all_reduce_sum(torch.tensor([*sums, sum(sizes)], dtype=torch.float64, device=self.dist.device))
+        *sums, count = total.tolist()
+        means = [value / count for value in sums]
+        self.last_pass_s = time.perf_counter() - started
         loss = means[0]
         if not math.isfinite(loss):
             raise RatchetError(f"training loss is {loss} in epoch {epoch + 1}: the model diverged "
@@ -201,15 +219,21 @@ class Trainer:
                 **{k: v for k, v in best.items() if k.startswith("val_")}}
 
 
-def _with_progress(loader: BatchLoader, desc: str, show: bool):
-    """The loader's batches, with a tqdm bar only once the epoch has run for a while (2 s on a
+def _with_progress(loader: BatchLoader, desc: str, show: bool, last_epoch_s: float | None):
+    """The loader's batches, with a tqdm bar once the epoch has run for a while (2 s on a
     terminal, 30 s in a log): short epochs stay one log line each. The bar is made only then,
-    not every epoch with a delay: making one cost ~3% of a 5 ms epoch (benchmarks/bench_tabular.py)."""
-    if not show:
-        yield from loader
-        return
+    not every epoch with a delay (making one cost ~3% of a 5 ms epoch), and an epoch is watched
+    only when it may get there: the first, and those after an epoch of over a tenth of the delay.
+    Watching every batch of short epochs cost ~1% of them (benchmarks/bench_tabular.py)."""
     tty = sys.stderr.isatty()
-    delay, started, bar = (2 if tty else 30), time.monotonic(), None
+    delay = PROGRESS_DELAY_S[0 if tty else 1]
+    if not show or (last_epoch_s is not None and last_epoch_s < delay / 10):
+        return loader
+    return _watched(loader, desc, delay, tty)
+
+
+def _watched(loader: BatchLoader, desc: str, delay: float, tty: bool):
+    started, bar = time.monotonic(), None
     try:
         for done, batch in enumerate(loader, 1):
             yield batch
