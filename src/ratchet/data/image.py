@@ -37,9 +37,9 @@ CHUNK = 4096  # images per block when copying and computing statistics (bounded 
 
 def prepare(cfg: ImagePipeline, root: Path, family: str = "image", scan=None, extra_meta=None) -> dict:
     """Scan, decode once, split, guard against files shared between splits, and write the
-    prepared arrays; return meta.json's content (its paths relative to the project folder `root`). `scan(tree)` -> (class names, [(path, class)])
-    reads the tree's layout (default: `scan_tree`, one folder per class); `extra_meta(classes)`
-    adds the family's own fields."""
+    prepared arrays; return meta.json's content (its paths relative to the project folder
+    `root`). `scan(tree)` -> (class names, [(path, class)]) reads the tree's layout (default:
+    `scan_tree`, one folder per class); `extra_meta(classes)` adds the family's own fields."""
     scan = scan or scan_tree
     data = cfg.data
     train_dir = data.source / data.train

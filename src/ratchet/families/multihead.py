@@ -56,7 +56,8 @@ class MultiheadFamily(ImageFamily):
         from ratchet.data.image import prepare
         from ratchet.data.multihead import group_meta, scan_groups
 
-        return MultiheadMeta.model_validate(prepare(cfg, root, family=self.name, scan=scan_groups, extra_meta=group_meta))
+        meta = prepare(cfg, root, family=self.name, scan=scan_groups, extra_meta=group_meta)
+        return MultiheadMeta.model_validate(meta)
 
     def describe(self, meta: MultiheadMeta) -> str:
         return f"{len(meta.classes)} classes in {len(meta.groups)} groups"
