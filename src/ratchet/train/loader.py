@@ -95,9 +95,7 @@ class BatchLoader:
         """This process's sample indices for the current epoch, in batch order."""
         if self.sampler is not None:
             idx = self.sampler.order()
-            # A last training batch of one sample breaks BatchNorm ("expected more than 1 value per
-            # channel"): it is left out of this epoch (the order is new every epoch).
-            return idx[:-1] if len(idx) > 1 and len(idx) % self.batch_size == 1 else idx
+            return idx[: self._kept(len(idx))]
         # sliced, not arange(rank, n, world): a rank past the last sample gets none (arange raises)
         return torch.arange(self.n)[self.dist.rank :: self.dist.world_size]
 
@@ -112,9 +110,14 @@ class BatchLoader:
     def _count(self) -> int:
         """This process's samples per epoch (what `indices` returns)."""
         if self.sampler is not None:
-            count = len(self.sampler)
-            return count - 1 if count > 1 and count % self.batch_size == 1 else count
+            return self._kept(len(self.sampler))
         return len(range(self.dist.rank, self.n, self.dist.world_size))
+
+    def _kept(self, count: int) -> int:
+        """How many of an epoch's `count` training draws are used. A last batch of one sample
+        breaks BatchNorm ("expected more than 1 value per channel"): it is left out of this
+        epoch (the order is new every epoch)."""
+        return count - 1 if count > 1 and count % self.batch_size == 1 else count
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         # Not through iter_with_indices: a generator layer per batch is ~1% of a small MLP's step.

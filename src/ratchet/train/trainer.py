@@ -82,11 +82,13 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _run_batch(self, inputs, targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # Without amp no context at all: a null one per step (with the bookkeeping since removed)
+        # was ~1.5% of a small MLP's step (benchmarks/bench_tabular.py).
         if self.amp:
             with self._autocast():
                 out = self.loss_fn(self.model(inputs), targets)
-        else:  # no context at all: a null one, with the rest of this step's bookkeeping, was ~1.5%
-            out = self.loss_fn(self.model(inputs), targets)  # of a small MLP's step (bench_tabular.py)
+        else:
+            out = self.loss_fn(self.model(inputs), targets)
         loss, parts = split_loss(out)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
