@@ -14,6 +14,7 @@ from ratchet.config import load_params
 from ratchet.errors import RatchetError
 from ratchet.families import get_family
 from ratchet.stages import evaluate, prepare, promote, train
+from ratchet.tracking.registry import load_served_model
 
 GOOD = {"tabular.train.epochs": 6, "tabular.train.optimizer.lr": 0.01}
 WORSE = {"tabular.train.epochs": 1, "tabular.train.optimizer.lr": 1e-6}
@@ -102,7 +103,7 @@ def test_champion_is_rescored_on_the_current_test_split(project):
     _, keep = promote.unseen(family, cfg, prepared, {"champion": champion})
     x = np.load(cfg.prepare.out_dir / "test_x_raw.npy")[keep]
     y = np.load(cfg.prepare.out_dir / "test_y.npy")[keep]
-    now = promote.score_model(family, cfg, "models:/tabular/1", meta, x, y, "f1_macro")
+    now = family.score(cfg, load_served_model(mlflow_client(project), "tabular", "1"), meta, x, y, "f1_macro")
     assert second["champion_before"]["score"] == pytest.approx(now)
     assert now != pytest.approx(first["score"])  # the number stored from the old split was not used
 

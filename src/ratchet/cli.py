@@ -25,7 +25,7 @@ import sys
 
 from ratchet.errors import RatchetError, StageFailed
 
-from ratchet.stages import STEPS as STAGES
+from ratchet.stages import STEPS as STAGES, UNPINNED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +100,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         from ratchet.numerics import pin
 
-        pin(params.numerics)  # before the stage imports torch: the kernels it picks depend on it
+        if args.command not in UNPINNED:
+            pin(params.numerics)  # before the stage imports torch: the kernels it picks depend on it
         import_module(f"ratchet.stages.{args.command}").run(params, args.pipeline)
     return 0
 

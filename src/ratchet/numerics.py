@@ -20,7 +20,8 @@ widest kernels, oneDNN, all its cores).
 
 The caps are environment variables each library reads once, when it initialises: `pin()` must
 run before torch is imported. `ratchet` calls it after reading params.yaml and before it
-imports a stage; torchrun's workers inherit the environment and call it again. On a CPU that
+imports a stage; torchrun's workers inherit the environment and call it again; promote runs no
+torch kernel itself, and its scoring process calls it (ratchet.tracking.scorer). On a CPU that
 is not x86-64 (ARM) only the threads and deterministic algorithms are pinned: results then
 repeat on the same kind of machine. On CUDA, portable turns on torch's deterministic
 algorithms and cuBLAS's fixed workspace: runs repeat on the same GPU model, not across models.

@@ -10,19 +10,30 @@ from ratchet.errors import RatchetError
 def load_pt2(path: Path, label: str):
     """The `nn.Module` of the archive at `path`, after MLflow's check that it holds no pickled
     objects; one line naming `label` (e.g. "registered model 'tabular' v3") if it does not load."""
-    import torch
+    check_pickle_free(path, label)
+    return load_program(path, label)
+
+
+def check_pickle_free(path: Path, label: str) -> None:
+    """MLflow's check that the archive holds no pickled objects (it reads each record with
+    torch's weights-only unpickler); one line naming `label` if it does."""
     from mlflow.exceptions import MlflowException
 
     try:
         from mlflow.pytorch import _validate_pt2_archive_is_pickle_free  # MLflow's own check of the archive
     except ImportError:
-        _validate_pt2_archive_is_pickle_free = None
+        return
     try:
-        if _validate_pt2_archive_is_pickle_free is not None:
-            _validate_pt2_archive_is_pickle_free(str(path))
+        _validate_pt2_archive_is_pickle_free(str(path))
     except MlflowException:
         raise RatchetError(f"{label}: its model.pt2 holds pickled objects, whose loading runs code; "
                            "refusing it") from None
+
+
+def load_program(path: Path, label: str):
+    """The `nn.Module` of an archive `check_pickle_free` has passed (torch only: no MLflow)."""
+    import torch
+
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # a corrupt or foreign archive: one line, whatever torch raises

@@ -8,40 +8,49 @@ from the registry (pt2 only: nothing pickled is run), raw test inputs in, so eac
 own preprocessing. `@champion` moves only if the new version is better by more than
 `promote.min_delta`. The decision and reason are tagged on the version and written to
 `promote.out` (promotion.json).
+
+The scoring runs in a worker process (ratchet.tracking.scorer), started first: it imports torch
+and reads the test split on the second core while this one imports MLflow and reads the
+registry, so MLflow is imported inside the functions below, after it started.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
-import mlflow
 import numpy as np
-from mlflow import MlflowClient
 
 from ratchet.config import Params
 from ratchet.data.prepared import write_json
+from ratchet.errors import RatchetError
 from ratchet.families import Family, get_family
 from ratchet.stages import stage_name
-from ratchet.errors import RatchetError
-from ratchet.tracking.registry import (
-    Decision, champion_version, check_comparable, decide, fingerprint, load_served_model, promotion_lock, record,
-)
-from ratchet.train.batch import tree_map
-from ratchet.tracking.runs import tracked_run
+from ratchet.tracking.scorer import Scorer
 
 
 def run(params: Params, name: str) -> dict:
     cfg = params.pipeline(name)
+    with Scorer(params.numerics, cfg) as scorer:
+        return _promote(params, cfg, name, scorer)
+
+
+def _promote(params: Params, cfg, name: str, scorer: Scorer) -> dict:
+    from mlflow import MlflowClient
+
+    from ratchet.tracking.registry import champion_version, promotion_lock, record
+    from ratchet.tracking.runs import tracked_run
+
     family = get_family(cfg.family)
     prepared = family.load(cfg.prepare.out_dir)
     run_info = tracked_run(cfg.train.out_dir, params.root, stage_name("train", name))
     registered = cfg.promote.registered_model
-    x, y = family.gate_data(cfg, prepared)
     client = MlflowClient()
     version = client.get_model_version(registered, str(run_info["version"]))
     with promotion_lock(client, registered):  # read the champion, score, move the alias: one promotion at a time
         champion = champion_version(client, registered)
-        decision, overlap, unchanged = _decide(family, cfg, prepared, version, champion, x, y)
+        decision, overlap, unchanged = _decide(scorer, client, family, cfg, prepared, version, champion)
         if not unchanged:  # a re-run keeps the tags of the decision that promoted it
             record(client, registered, version, decision)
             client.set_tag(run_info["run_id"], "ratchet.promoted", str(decision.promoted).lower())
@@ -62,8 +71,10 @@ def run(params: Params, name: str) -> dict:
     return result
 
 
-def _decide(family: Family, cfg, prepared, version, champion, x, y):
+def _decide(scorer: Scorer, client, family: Family, cfg, prepared, version, champion):
     """(decision, overlap counts, whether `version` is the champion already), with the lock held."""
+    from ratchet.tracking.registry import Decision, check_comparable, decide
+
     registered, meta, metric = cfg.promote.registered_model, prepared.meta, cfg.promote.metric
     if champion is not None:
         check_comparable(champion, family.input_description(cfg, meta), registered)
@@ -72,16 +83,14 @@ def _decide(family: Family, cfg, prepared, version, champion, x, y):
         raise RatchetError(f"registered model '{registered}': only {overlap['scored_on']} of {overlap['of']} test "
                            f"samples are unseen by both models ({_excluded_text(overlap)}); promote.min_samples is "
                            f"{cfg.promote.min_samples}: the gate refuses to compare them (hold out new test data)")
-    if overlap["scored_on"] < overlap["of"]:
-        x, y = tree_map(lambda a: a[keep], x), tree_map(lambda a: a[keep], y)
-    score = score_model(family, cfg, f"models:/{registered}/{version.version}", meta, x, y, metric)
+    keep = keep if overlap["scored_on"] < overlap["of"] else None  # None: all of them
+    score = score_version(scorer, client, registered, version.version, keep, metric)
     if champion is not None and champion.version == version.version:
         return Decision(False, f"v{version.version} is @champion already: champion unchanged", metric, score,
                         version.version, score), overlap, True
     rival = None
     if champion is not None:
-        rival = (champion.version, score_model(family, cfg, f"models:/{registered}/{champion.version}", meta, x, y,
-                                               metric))
+        rival = (champion.version, score_version(scorer, client, registered, champion.version, keep, metric))
     decision = decide(metric, score, rival, cfg.promote.direction, cfg.promote.min_delta)
     return replace(decision, reason=f"{decision.reason} on {overlap['scored_on']} of {overlap['of']} test samples "
                                     f"({_excluded_text(overlap)})"), overlap, False
@@ -92,6 +101,8 @@ def unseen(family: Family, cfg, prepared, versions: dict) -> tuple[dict, np.ndar
     training and validation samples): a model scored on its own training data looks better than
     it is, and a seed change or appended rows put the champion's training rows into a new test
     split. Returns the counts (for promotion.json) and the indices of the samples to score."""
+    from ratchet.tracking.registry import fingerprint
+
     keys = family.sample_keys(cfg, prepared, "test")
     seen = np.zeros(len(keys), dtype=bool)
     excluded: dict[str, int | None] = {}
@@ -116,9 +127,12 @@ def _excluded_text(overlap: dict) -> str:
     return text + "".join(f"; the {role} has no fingerprint of its training data" for role in unknown)
 
 
-def score_model(family: Family, cfg, model_uri: str, meta, x, y, metric: str) -> float:
-    """`metric` of the registered model at `model_uri` on raw test inputs `x` and targets `y`,
-    scored by the family (the same metric code for the new version and the champion)."""
-    name, version = model_uri.removeprefix("models:/").rsplit("/", 1)
-    model = load_served_model(MlflowClient(), name, version)
-    return family.score(cfg, model, meta, x, y, metric)
+def score_version(scorer: Scorer, client, name: str, version: str, keep: np.ndarray | None, metric: str) -> float:
+    """`metric` of version `version` of registered model `name` on the test samples at indices
+    `keep` (None: all), from its pt2 program, raw test inputs in, scored by the family in the
+    scoring process (the same metric code for the new version and the champion)."""
+    from ratchet.tracking.registry import served_program, version_label
+
+    with tempfile.TemporaryDirectory(prefix="ratchet-model-") as tmp:
+        program = served_program(client, name, str(version), Path(tmp))
+        return scorer.score(program, version_label(name, version), keep, metric)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
@@ -164,7 +165,6 @@ def fingerprint(version: ModelVersion):
     """The sorted uint64 keys of the samples (train and val) a registered version trained on, or
     None for a version registered without one."""
     import tempfile
-    from pathlib import Path
 
     import numpy as np
 
@@ -180,51 +180,65 @@ def fingerprint(version: ModelVersion):
 
 def load_served_model(client: MlflowClient, name: str, version: str):
     """The registered version's served network (an `nn.Module` on CPU), loaded without running
-    code from the registry: only a torch.export archive (`model.pt2`, weights read as tensors) is
-    accepted, from Ratchet's pyfunc model (ratchet.serve) or MLflow's pytorch pt2 flavor (versions
-    registered before it). A pickle-format version (`model.pth`, which unpickling would execute),
-    a version that ships code, or one without such an archive is refused in one line naming it."""
-    import os
+    code from the registry (`served_program`)."""
     import tempfile
-    from pathlib import Path
+
+    from ratchet.serve.pt2 import load_program
+
+    with tempfile.TemporaryDirectory(prefix="ratchet-model-") as tmp:
+        return load_program(served_program(client, name, version, Path(tmp)), version_label(name, version))
+
+
+def served_program(client: MlflowClient, name: str, version: str, dst: Path) -> Path:
+    """The registered version's torch.export archive (`model.pt2`, weights read as tensors),
+    downloaded into `dst` and checked to hold no pickled objects, from Ratchet's pyfunc model
+    (ratchet.serve) or MLflow's pytorch pt2 flavor (versions registered before it). A
+    pickle-format version (`model.pth`, which unpickling would execute), a version that ships
+    code, or one without such an archive is refused in one line naming it."""
+    import os
 
     import yaml
 
     from ratchet.serve.log import LOADER
-    from ratchet.serve.pt2 import load_pt2
+    from ratchet.serve.pt2 import check_pickle_free
     from ratchet.serve.pyfunc import PROGRAM_FILE
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    label = f"registered model '{name}' v{version}"
-    with tempfile.TemporaryDirectory(prefix="ratchet-model-") as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-        except MlflowException as exc:
-            raise RatchetError(f"{label}: cannot be read from the registry ({exc.message.splitlines()[0]})") from None
-        try:
-            flavors = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {})
-        except (OSError, yaml.YAMLError):
-            flavors = {}
-        pyfunc, torch_flavor = flavors.get("python_function") or {}, flavors.get("pytorch")
-        if pyfunc.get("loader_module") == LOADER:
-            if pyfunc.get("code"):
-                raise RatchetError(f"{label}: ships code ({pyfunc['code']}) that loading would import; refusing it")
-            program = local / str(pyfunc.get("data", "")) / PROGRAM_FILE
-        elif isinstance(torch_flavor, dict):
-            if torch_flavor.get("code"):
-                raise RatchetError(f"{label}: ships code ({torch_flavor['code']}) that loading would import; "
-                                   "refusing it")
-            data = local / str(torch_flavor.get("model_data", "data"))
-            if (data / "model.pth").exists():
-                raise RatchetError(f"{label}: is in MLflow's pickle format, whose loading runs code stored in the "
-                                   "registry; refusing it (only pt2, torch.export's format, is loaded)")
-            program = data / PROGRAM_FILE
-        else:
-            raise RatchetError(f"{label}: not a PyTorch model logged by MLflow or Ratchet (no pt2 network in its "
-                               "MLmodel)")
-        if not program.is_file():
-            raise RatchetError(f"{label}: has no {PROGRAM_FILE} (only pt2, torch.export's format, is loaded)")
-        return load_pt2(program, label)
+    label = version_label(name, version)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst)))
+    except MlflowException as exc:
+        raise RatchetError(f"{label}: cannot be read from the registry ({exc.message.splitlines()[0]})") from None
+    try:
+        flavors = (yaml.safe_load((local / "MLmodel").read_text()) or {}).get("flavors", {})
+    except (OSError, yaml.YAMLError):
+        flavors = {}
+    pyfunc, torch_flavor = flavors.get("python_function") or {}, flavors.get("pytorch")
+    if pyfunc.get("loader_module") == LOADER:
+        if pyfunc.get("code"):
+            raise RatchetError(f"{label}: ships code ({pyfunc['code']}) that loading would import; refusing it")
+        program = local / str(pyfunc.get("data", "")) / PROGRAM_FILE
+    elif isinstance(torch_flavor, dict):
+        if torch_flavor.get("code"):
+            raise RatchetError(f"{label}: ships code ({torch_flavor['code']}) that loading would import; "
+                               "refusing it")
+        data = local / str(torch_flavor.get("model_data", "data"))
+        if (data / "model.pth").exists():
+            raise RatchetError(f"{label}: is in MLflow's pickle format, whose loading runs code stored in the "
+                               "registry; refusing it (only pt2, torch.export's format, is loaded)")
+        program = data / PROGRAM_FILE
+    else:
+        raise RatchetError(f"{label}: not a PyTorch model logged by MLflow or Ratchet (no pt2 network in its "
+                           "MLmodel)")
+    if not program.is_file():
+        raise RatchetError(f"{label}: has no {PROGRAM_FILE} (only pt2, torch.export's format, is loaded)")
+    check_pickle_free(program, label)
+    return program
+
+
+def version_label(name: str, version: str | int) -> str:
+    """How an error names a registered version."""
+    return f"registered model '{name}' v{version}"
 
 
 def _short(desc: str) -> str:
