@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,12 +48,14 @@ def test_the_scoring_process_scores_as_the_family_does_in_one_process(project, t
     expected = {"all": family.score(cfg, model, prepared.meta, x, y, "f1_macro"),
                 "kept": family.score(cfg, model, prepared.meta, x[keep], y[keep], "f1_macro"),
                 "accuracy": family.score(cfg, model, prepared.meta, x, y, "accuracy")}
-    with Scorer(params.numerics, cfg) as scorer:
-        got = {"all": scorer.score(program, "v1", None, "f1_macro"),
-               "kept": scorer.score(program, "v1", keep, "f1_macro"),
-               "accuracy": scorer.score(program, "v1", None, "accuracy")}
-    assert got == expected
-    assert got["kept"] != got["all"]
+    for process in (True, False):  # a worker process, or this one (fewer than 2 CPUs)
+        with Scorer(params.numerics, cfg, process=process) as scorer:
+            got = {"all": scorer.score(program, "v1", None, "f1_macro"),
+                   "kept": scorer.score(program, "v1", keep, "f1_macro"),
+                   "accuracy": scorer.score(program, "v1", None, "accuracy")}
+        assert (scorer.pid is not None) == process
+        assert got == expected
+        assert got["kept"] != got["all"]
 
 
 def test_a_program_that_does_not_load_is_one_line_and_the_process_scores_on(project, tmp_path):
@@ -61,7 +64,7 @@ def test_a_program_that_does_not_load_is_one_line_and_the_process_scores_on(proj
     program = served_program(mlflow_client(project), "tabular", "1", tmp_path / "good")
     broken = tmp_path / "model.pt2"
     broken.write_bytes(b"not an archive")
-    with Scorer(params.numerics, cfg) as scorer:
+    with Scorer(params.numerics, cfg, process=True) as scorer:
         with pytest.raises(RatchetError) as info:
             scorer.score(broken, "registered model 'tabular' v9", None, "f1_macro")
         assert str(info.value).startswith("registered model 'tabular' v9: model.pt2 does not load (")
@@ -73,14 +76,14 @@ def test_a_scoring_process_that_dies_is_a_failure_a_retry_may_fix(project, tmp_p
     params = trained(project)
     cfg = params.pipeline("tabular")
     program = served_program(mlflow_client(project), "tabular", "1", tmp_path)
-    with Scorer(params.numerics, cfg) as scorer:  # dead before it is asked
+    with Scorer(params.numerics, cfg, process=True) as scorer:  # dead before it is asked
         os.kill(scorer.pid, signal.SIGKILL)  # what the kernel's OOM killer does
         scorer._proc.wait()
         with pytest.raises(StageFailed, match=r"^scoring v1: the scoring process killed by signal 9 "):
             scorer.score(program, "v1", None, "f1_macro")
     stuck = tmp_path / "stuck.pt2"
     os.mkfifo(stuck)  # opening it for reading waits for a writer: the worker is mid-request when killed
-    with Scorer(params.numerics, cfg) as scorer:
+    with Scorer(params.numerics, cfg, process=True) as scorer:
         threading.Timer(3, os.kill, (scorer.pid, signal.SIGKILL)).start()
         with pytest.raises(StageFailed, match=r"^scoring v2: the scoring process killed by signal 9 "):
             scorer.score(stuck, "v2", None, "f1_macro")
@@ -89,10 +92,10 @@ def test_a_scoring_process_that_dies_is_a_failure_a_retry_may_fix(project, tmp_p
 def test_the_scoring_process_ends_with_the_stage(project):
     params = trained(project)
     cfg = params.pipeline("tabular")
-    with Scorer(params.numerics, cfg) as scorer:
+    with Scorer(params.numerics, cfg, process=True) as scorer:
         pass
     assert scorer._proc.returncode == 0  # it read the end of its input and exited
-    with pytest.raises(KeyboardInterrupt), Scorer(params.numerics, cfg) as scorer:
+    with pytest.raises(KeyboardInterrupt), Scorer(params.numerics, cfg, process=True) as scorer:
         raise KeyboardInterrupt  # Ctrl-C while it still imports torch: not waited for
     assert scorer._proc.returncode == -signal.SIGKILL
 
@@ -113,14 +116,36 @@ def test_a_registered_program_torch_cannot_load_fails_the_stage_in_one_line_and_
     assert [m.name for m in mlflow_client(project).search_registered_models()] == ["tabular"]  # the lock is gone
 
 
-def test_the_stage_process_loads_no_pt2_program_the_scoring_process_does(project):
+TWO_CPUS = pytest.mark.skipif((os.cpu_count() or 1) < 2 or not shutil.which("taskset"),
+                              reason="needs 2 CPUs and taskset")
+
+
+@TWO_CPUS
+def test_the_stage_process_loads_no_pt2_program_the_scoring_process_does_given_two_cpus(project):
+    """With 2 CPUs the loader is imported in the scoring process only; on one (here pinned to CPU
+    0, as a container limited to one CPU) the stage scores in its own process, with the same result."""
     trained(project)
     code = ("import json, sys\nfrom ratchet.cli import main\n"
             f"code = main(['promote', 'tabular', '--params', {str(project / 'params.yaml')!r}])\n"
             "print(json.dumps([code, [m for m in ('torch._dynamo', 'torch.export.pt2_archive._package', 'sympy')"
             " if m in sys.modules]]))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=PATIENCE)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0, []]
-    promotion = json.loads((project / "reports/tabular/promotion.json").read_text())
-    assert promotion["promoted"] and promotion["reason"].startswith("first model")
+    results = {}
+    for cpus in ("0,1", "0"):
+        proc = subprocess.run(["taskset", "-c", cpus, sys.executable, "-c", code], cwd=project, capture_output=True,
+                              text=True, timeout=PATIENCE)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[cpus] = json.loads(proc.stdout.strip().splitlines()[-1])
+        promotion = json.loads((project / "reports/tabular/promotion.json").read_text())
+        results[cpus].append(promotion["score"])
+    assert results["0,1"][:2] == [0, []]
+    assert results["0"][:2] == [0, ["torch._dynamo", "torch.export.pt2_archive._package", "sympy"]]
+    assert results["0"][2] == results["0,1"][2]  # re-run: v1 is @champion already, scored again alike
+
+
+@TWO_CPUS
+def test_usable_cpus_are_the_affinity_of_the_process():
+    code = "from ratchet.tracking.scorer import usable_cpus; print(usable_cpus())"
+    for cpus, expected in (("0", "1.0"), ("0,1", "2.0")):
+        out = subprocess.run(["taskset", "-c", cpus, sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=PATIENCE)
+        assert out.stdout.strip() == expected, out.stderr[-3000:]

@@ -8,8 +8,10 @@ scores with torch, so the two halves run in two processes: `Scorer(numerics, cfg
 the loader and the metrics, and reads the pipeline's prepared test split, on the second core
 while the stage imports MLflow, reads the registry and downloads each version's program.
 `score()` then sends the worker one program (a local path the stage has checked to hold no
-pickled objects) and the indices of the test samples to score, and gets the metric back. On one
-core the halves run in turn: no slower than one process but for the worker's start (~0.1 s).
+pickled objects) and the indices of the test samples to score, and gets the metric back. With
+fewer than 2 CPUs to use (the process's affinity, capped by a container's CPU quota) the two
+processes would import torch twice on one core (~1.5 s slower than one process), so it scores in
+the stage's own process instead.
 
 The worker's failures come back as the stage's own: a RatchetError (a program that does not
 load) is raised here with its message, a worker that died (killed, out of memory) is a
@@ -19,6 +21,7 @@ Messages are pickled over the worker's stdin and stdout (its prints go to stderr
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -30,20 +33,34 @@ STOP_SECONDS = 10  # how long close() waits for an idle worker to exit before ki
 
 
 class Scorer:
-    """A worker process that scores pt2 programs on `cfg`'s test split, under `numerics`."""
+    """Scores pt2 programs on `cfg`'s test split, under `numerics`: in a worker process started
+    now, or with `process` False (default: with fewer than 2 usable CPUs) in this one."""
 
-    def __init__(self, numerics, cfg):
-        self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE)
-        self._send((numerics, cfg), "starting the scoring process")
+    def __init__(self, numerics, cfg, process: bool | None = None):
+        self._proc = self._test = None
+        self._numerics, self._cfg = numerics, cfg
+        if process is None:
+            process = usable_cpus() >= 2
+        if process:
+            self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE)
+            self._send((numerics, cfg), "starting the scoring process")
+        else:
+            from ratchet.numerics import pin
+
+            pin(numerics)  # this process scores: its kernels pinned before anything imports torch
 
     @property
-    def pid(self) -> int:
-        return self._proc.pid
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
 
     def score(self, program: Path, label: str, keep, metric: str) -> float:
         """`metric` of the program at `program` on the test samples at indices `keep` (all of
         them for None), scored by the pipeline's family, as `Family.score` computes it."""
+        if self._proc is None:
+            if self._test is None:
+                self._test = _start(self._numerics, self._cfg)
+            return _score(self._cfg, self._test, Path(program), label, keep, metric)
         self._send((str(program), label, keep, metric), f"scoring {label}")
         try:
             status, value = pickle.load(self._proc.stdout)
@@ -57,6 +74,8 @@ class Scorer:
 
     def close(self, kill: bool = False) -> None:
         """End the worker: at the end of its input it exits; killed if `kill` or still busy."""
+        if self._proc is None:
+            return
         if self._proc.poll() is None:
             try:
                 self._proc.stdin.close()
@@ -88,9 +107,24 @@ class Scorer:
         return StageFailed(f"{doing}: the scoring process {how} (its log is above)")
 
 
+def usable_cpus() -> float:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (`cpu.max`:
+    docker's --cpus, a Kubernetes CPU limit), which the affinity does not show."""
+    try:
+        cpus = float(len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on this OS (macOS)
+        cpus = float(os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def main() -> None:
     """The worker: its first message is (numerics, cfg), then (program, label, keep, metric) per score."""
-    import os
     import signal
     import traceback
 
