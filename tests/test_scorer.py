@@ -48,7 +48,9 @@ def test_the_scoring_process_scores_as_the_family_does_in_one_process(project, t
     expected = {"all": family.score(cfg, model, prepared.meta, x, y, "f1_macro"),
                 "kept": family.score(cfg, model, prepared.meta, x[keep], y[keep], "f1_macro"),
                 "accuracy": family.score(cfg, model, prepared.meta, x, y, "accuracy")}
-    for process in (True, False):  # a worker process, or this one (fewer than 2 CPUs)
+    with Scorer(params.numerics, cfg) as scorer:
+        assert scorer.pid is None  # this process has imported torch: it scores itself
+    for process in (True, False):  # a worker process, or this one
         with Scorer(params.numerics, cfg, process=process) as scorer:
             got = {"all": scorer.score(program, "v1", None, "f1_macro"),
                    "kept": scorer.score(program, "v1", keep, "f1_macro"),

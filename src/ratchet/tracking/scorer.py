@@ -10,8 +10,9 @@ while the stage imports MLflow, reads the registry and downloads each version's 
 `score()` then sends the worker one program (a local path the stage has checked to hold no
 pickled objects) and the indices of the test samples to score, and gets the metric back. With
 fewer than 2 CPUs to use (the process's affinity, capped by a container's CPU quota) the two
-processes would import torch twice on one core (~1.5 s slower than one process), so it scores in
-the stage's own process instead.
+processes would import torch twice on one core (~1 s slower than one process), and a process
+that has imported torch already (promote.run called from Python: a test, a notebook) has nothing
+to overlap: in both cases it scores in the stage's own process instead.
 
 The worker's failures come back as the stage's own: a RatchetError (a program that does not
 load) is raised here with its message, a worker that died (killed, out of memory) is a
@@ -34,21 +35,23 @@ STOP_SECONDS = 10  # how long close() waits for an idle worker to exit before ki
 
 class Scorer:
     """Scores pt2 programs on `cfg`'s test split, under `numerics`: in a worker process started
-    now, or with `process` False (default: with fewer than 2 usable CPUs) in this one."""
+    now, or with `process` False in this one. By default a worker, unless fewer than 2 CPUs are
+    usable or this process has imported torch already (a test, a notebook: nothing to overlap)."""
 
     def __init__(self, numerics, cfg, process: bool | None = None):
         self._proc = self._test = None
-        self._numerics, self._cfg = numerics, cfg
+        self._cfg = cfg
+        torch_here = "torch" in sys.modules
         if process is None:
-            process = usable_cpus() >= 2
+            process = usable_cpus() >= 2 and not torch_here
         if process:
             self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE)
             self._send((numerics, cfg), "starting the scoring process")
-        else:
+        elif not torch_here:
             from ratchet.numerics import pin
 
-            pin(numerics)  # this process scores: its kernels pinned before anything imports torch
+            pin(numerics)  # this process will score: its kernels pinned before it imports torch
 
     @property
     def pid(self) -> int | None:
@@ -59,7 +62,7 @@ class Scorer:
         them for None), scored by the pipeline's family, as `Family.score` computes it."""
         if self._proc is None:
             if self._test is None:
-                self._test = _start(self._numerics, self._cfg)
+                self._test = _start(self._cfg)
             return _score(self._cfg, self._test, Path(program), label, keep, metric)
         self._send((str(program), label, keep, metric), f"scoring {label}")
         try:
@@ -140,7 +143,10 @@ def main() -> None:
     except EOFError:
         return
     try:
-        test = _start(numerics, cfg)
+        from ratchet.numerics import pin
+
+        pin(numerics)  # imports torch, with the kernel caps in place
+        test = _start(cfg)
     except Exception as exc:  # reported with the first score asked for
         test = exc
     while True:
@@ -160,13 +166,10 @@ def main() -> None:
         replies.flush()
 
 
-def _start(numerics, cfg) -> tuple:
-    """Pin the numerics, import what scoring uses and read the test split: (family, meta, x, y)."""
+def _start(cfg) -> tuple:
+    """Import what scoring uses and read the test split: (family, meta, x, y)."""
     import contextlib
 
-    from ratchet.numerics import pin
-
-    pin(numerics)  # imports torch, with the kernel caps in place
     from ratchet.families import get_family
     from ratchet.lazy_imports import defer_torchmetrics
 
