@@ -72,6 +72,9 @@ def test_a_program_that_does_not_load_is_one_line_and_the_process_scores_on(proj
         assert str(info.value).startswith("registered model 'tabular' v9: model.pt2 does not load (")
         assert "\n" not in str(info.value) and type(info.value) is RatchetError  # not retried
         assert 0 < scorer.score(program, "v1", None, "f1_macro") <= 1
+        with pytest.raises(RuntimeError, match=r"(?s)^scoring v1 failed in the scoring process:\n.*IndexError"):
+            scorer.score(program, "v1", np.array([10**6]), "f1_macro")  # a bug, not bad input: its traceback
+        assert 0 < scorer.score(program, "v1", None, "f1_macro") <= 1
 
 
 def test_a_scoring_process_that_dies_is_a_failure_a_retry_may_fix(project, tmp_path):
